@@ -1,0 +1,16 @@
+"""The contract between an algorithm's math and its execution (see EngineOptimizer)."""
+
+from stochopt.engine.layout import STEP, StateSpec, state_nbytes
+from stochopt.engine.optimizer import ENGINE_DEFAULTS, EngineOptimizer, NonFiniteGradientError, scalar
+from stochopt.engine.tensorlist import TensorList
+
+__all__ = [
+    "ENGINE_DEFAULTS",
+    "STEP",
+    "EngineOptimizer",
+    "NonFiniteGradientError",
+    "StateSpec",
+    "TensorList",
+    "scalar",
+    "state_nbytes",
+]

@@ -1,0 +1,57 @@
+"""The fused path: an update function compiled by torch.compile into one kernel.
+
+One kernel is compiled per (update function, static flags, coefficient names, maximize) and reused for every
+tensor: tensors are passed flattened with dynamic sizes, so a new shape never recompiles, and coefficients
+(lr, betas, bias corrections) are passed as one tensor, so a scheduler changing lr never recompiles either.
+Dynamo guards on dtype and device, so the compile cost is paid once per optimizer, dtype and device
+(C++/OpenMP on the CPU, Triton on CUDA).
+
+Why one launch per tensor rather than one per list: a graph over a list of N tensors compiles N kernels and is
+specialized to N; measured on a 2-core CPU, compiling it for 49 tensors took ~70 s against ~8 s for the
+per-tensor kernel. The per-tensor launch costs tens of microseconds of dispatch.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+_KERNELS: dict[tuple[Any, ...], Callable[..., None]] = {}
+
+
+def fused_kernel(
+    update: Callable[..., None], flags: dict[str, Any], coef_names: tuple[str, ...], maximize: bool
+) -> Callable[[Tensor, Tensor, dict[str, Tensor], Tensor], None]:
+    """The compiled kernel ``kernel(p, g, state, coefs)`` for ``update`` with these static options."""
+    key = (update, tuple(sorted(flags.items())), coef_names, maximize)
+    kernel = _KERNELS.get(key)
+    if kernel is None:
+        kernel = _compile(update, dict(flags), coef_names, maximize)
+        _KERNELS[key] = kernel
+    return kernel
+
+
+def _compile(
+    update: Callable[..., None], flags: dict[str, Any], coef_names: tuple[str, ...], maximize: bool
+) -> Callable[..., None]:
+    from stochopt.engine.optimizer import apply_update
+
+    def kernel(p: Tensor, g: Tensor, state: dict[str, Tensor], coefs: Tensor) -> None:
+        c = dict(zip(coef_names, coefs.unbind(0)))
+        apply_update(update, p, g, state, c, flags, maximize, coefs.dtype)
+
+    # Dynamo keeps its compiled graphs (and its recompile limit) per code object. A fresh code object per
+    # kernel keeps the variants of many optimizers from sharing one cache and hitting that limit.
+    name = f"fused_{getattr(update, '__qualname__', 'update').replace('.', '_')}"
+    code = kernel.__code__.replace(co_name=name)
+    fresh = types.FunctionType(code, kernel.__globals__, name, kernel.__defaults__, kernel.__closure__)
+    return torch.compile(fresh, dynamic=True, fullgraph=True)
+
+
+def compiled_kernel_count() -> int:
+    """How many distinct fused kernels this process has built (for tests and the speed report)."""
+    return len(_KERNELS)

@@ -1,0 +1,274 @@
+"""The engine: one update function per algorithm, run as a per-tensor loop, as foreach, or as a fused kernel.
+
+An optimizer subclass declares
+- ``_layout(group)``: its state (``StateSpec`` tuple, ``STEP`` included);
+- ``_coefficients(group, step, states)``: every scalar the update needs at this step, as Python floats
+  (bias corrections, step sizes); scalar state such as NAdam's running product advances here;
+- ``_flags(group, step)``: the static switches of the update (``amsgrad``, ``nesterov``), hashable;
+- ``_update(p, g, state, c, **flags)``: the elementwise math, written once against the Tensor API;
+- optionally ``_validate(group)`` and ``_sparse_update``.
+
+The engine owns the books: param groups, lazy state, buckets of tensors that share device, dtype and step,
+``maximize``, low-precision parameters (math in the state dtype, written back), sparse gradients, the
+non-finite-gradient policy and the state_dict checks.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from stochopt.engine import checks
+from stochopt.engine.fused import fused_kernel
+from stochopt.engine.layout import STEP, StateSpec, new_state_tensor, state_dtype_for
+from stochopt.engine.tensorlist import TensorList
+
+NONFINITE_POLICIES = (None, "skip", "raise")
+
+#: Keys every engine optimizer's param groups carry, with their defaults.
+ENGINE_DEFAULTS: dict[str, Any] = {
+    "maximize": False,
+    "foreach": None,
+    "fused": None,
+    "nonfinite": None,
+    "state_dtype": None,
+}
+
+
+class NonFiniteGradientError(FloatingPointError, ValueError):
+    """A gradient holds inf or NaN and the optimizer's ``nonfinite`` policy is ``"raise"``."""
+
+
+def apply_update(
+    update: Callable[..., None],
+    p: Any,
+    g: Any,
+    state: dict[str, Any],
+    c: dict[str, Any],
+    flags: dict[str, Any],
+    maximize: bool,
+    compute_dtype: torch.dtype,
+) -> None:
+    """Run ``update`` on tensors or TensorLists; low-precision params are updated in ``compute_dtype`` and written back."""
+    if maximize:
+        g = -g
+    if p.dtype == compute_dtype:
+        update(p, g, state, c, **flags)
+        return
+    p_compute = p.to(compute_dtype)
+    update(p_compute, g.to(compute_dtype), state, c, **flags)
+    p.copy_(p_compute)
+
+
+class EngineOptimizer(Optimizer):
+    """Base class of stochopt's optimizers (see the module docstring for what a subclass declares)."""
+
+    _sparse_update: Callable[..., None] | None = None
+
+    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+        defaults = {**ENGINE_DEFAULTS, **defaults}
+        self.skipped_steps = 0
+        super().__init__(checks.checked_params(params), defaults)
+
+    # ----- what subclasses declare -------------------------------------------------------------
+    def _layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
+        raise NotImplementedError(f"{type(self).__name__} must declare its state layout")
+
+    def _coefficients(self, group: dict[str, Any], step: int, states: list[dict[str, Tensor]]) -> dict[str, float]:
+        raise NotImplementedError(f"{type(self).__name__} must declare its coefficients")
+
+    def _flags(self, group: dict[str, Any], step: int) -> dict[str, Any]:
+        return {}
+
+    @staticmethod
+    def _update(p: Any, g: Any, state: dict[str, Any], c: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _validate(self, group: dict[str, Any]) -> None:
+        """Raise ValueError/TypeError naming the hyperparameter and its value."""
+
+    # ----- the torch.optim contract --------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        checks.check_group_params(param_group, self.param_groups)
+        for key, value in self.defaults.items():
+            param_group.setdefault(key, value)
+        self._validate_engine_options(param_group)
+        self._validate(param_group)
+        super().add_param_group(param_group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("skipped_steps", 0)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["skipped_steps"] = self.skipped_steps
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict has {len(saved_groups)} param groups but this {type(self).__name__} has "
+                f"{len(self.param_groups)}"
+            )
+        saved_by_param = {}
+        for saved_group, group in zip(saved_groups, self.param_groups):
+            merged = {**self.defaults, **saved_group}
+            layout = self._layout(merged)
+            for index, param in zip(saved_group["params"], group["params"]):
+                saved = state_dict["state"].get(index)
+                if saved:
+                    checks.check_loaded_state(type(self).__name__, layout, index, param, saved)
+                    saved_by_param[param] = (saved, layout, merged)
+        super().load_state_dict(state_dict)
+        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+        # torch.optim casts floating state to the param's dtype; restore the dtypes the layout asks for
+        # (float32 moments of bfloat16 params) from the saved tensors, so that resume is bit-exact.
+        for param, (saved, layout, merged) in saved_by_param.items():
+            state = self.state[param]
+            step = state.get("step", 1.0)  # torch.optim.SGD keeps no step: resume as already started
+            state["step"] = step if isinstance(step, Tensor) else torch.tensor(float(step))
+            for spec in layout:
+                if spec.name == "step":
+                    continue
+                want = new_state_tensor(spec, param, merged["state_dtype"]).dtype
+                if state[spec.name].dtype != want:
+                    device = param.device if spec.shape == "param" else torch.device("cpu")
+                    state[spec.name] = saved[spec.name].to(device=device, dtype=want, copy=True)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = [(group, *self._collect(group)) for group in self.param_groups]
+        if self._nonfinite_found(work):
+            return loss
+        for group, params, grads in work:
+            if params:
+                self._step_group(group, params, grads)
+        return loss
+
+    # ----- internals -----------------------------------------------------------------------------
+    def _validate_engine_options(self, group: dict[str, Any]) -> None:
+        if group["fused"] and group["foreach"]:
+            raise ValueError("fused=True and foreach=True are exclusive: choose one execution path")
+        if group["nonfinite"] not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {group['nonfinite']!r}")
+        sd = group["state_dtype"]
+        if sd is not None and (not isinstance(sd, torch.dtype) or not sd.is_floating_point):
+            raise TypeError(f"state_dtype must be a floating torch.dtype or None, got {sd!r}")
+
+    def _collect(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
+        params, grads = [], []
+        for index, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse and self._sparse_update is None:
+                raise ValueError(
+                    f"{type(self).__name__} does not support sparse gradients (param {index} of its group, "
+                    f"shape {tuple(p.shape)}); use stochopt.LazyAdam, or nn.Embedding(sparse=False)"
+                )
+            if torch.is_complex(p):
+                raise TypeError(
+                    f"{type(self).__name__} got a complex parameter (param {index}, dtype {p.dtype}); "
+                    "optimize torch.view_as_real(param) instead"
+                )
+            state = self.state[p]
+            if not state:
+                for spec in self._layout(group):
+                    state[spec.name] = new_state_tensor(spec, p, group["state_dtype"])
+            params.append(p)
+            grads.append(p.grad)
+        return params, grads
+
+    def _nonfinite_found(self, work: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]) -> bool:
+        checked = [(group, params, grads) for group, params, grads in work if group["nonfinite"] and grads]
+        if not checked:
+            return False
+        dense = [g.coalesce()._values() if g.is_sparse else g for _, _, grads in checked for g in grads]
+        norms = torch._foreach_norm(dense, float("inf"))
+        if bool(torch.stack([n.to("cpu", torch.float32) for n in norms]).isfinite().all()):
+            return False
+        first = next(i for i, n in enumerate(norms) if not torch.isfinite(n))
+        if any(group["nonfinite"] == "raise" for group, _, _ in checked):
+            raise NonFiniteGradientError(
+                f"{type(self).__name__}: gradient {first} (counting params with gradients, in group order) "
+                "holds inf or NaN; the step was not taken (nonfinite='raise')"
+            )
+        self.skipped_steps += 1
+        return True
+
+    def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        buckets: dict[tuple[Any, ...], list[int]] = defaultdict(list)
+        for i, p in enumerate(params):
+            sparse = grads[i].is_sparse
+            buckets[(p.device, p.dtype, int(self.state[p]["step"].item()), sparse)].append(i)
+        for (device, dtype, step, sparse), indices in buckets.items():
+            ps = [params[i] for i in indices]
+            gs = [grads[i] for i in indices]
+            states = [self.state[p] for p in ps]
+            torch._foreach_add_([s["step"] for s in states], 1.0)
+            c = self._coefficients(group, step + 1, states)
+            flags = self._flags(group, step + 1)
+            names = [s.name for s in self._layout(group) if s.shape == "param"]
+            compute_dtype = state_dtype_for(ps[0], group["state_dtype"])
+            if sparse:
+                for p, g, s in zip(ps, gs, states):
+                    g = -g if group["maximize"] else g
+                    self._sparse_update(p, g, {n: s[n] for n in names}, c, **flags)
+            elif group["fused"]:
+                self._run_fused(group, flags, names, compute_dtype, ps, gs, states, c)
+            elif group["foreach"] or (group["foreach"] is None and device.type != "cpu"):
+                tl_state = {n: TensorList(s[n] for s in states) for n in names}
+                apply_update(
+                    self._update, TensorList(ps), TensorList(gs), tl_state, c, flags, group["maximize"], compute_dtype
+                )
+            else:
+                for p, g, s in zip(ps, gs, states):
+                    apply_update(
+                        self._update, p, g, {n: s[n] for n in names}, c, flags, group["maximize"], compute_dtype
+                    )
+
+    def _run_fused(
+        self,
+        group: dict[str, Any],
+        flags: dict[str, Any],
+        names: list[str],
+        compute_dtype: torch.dtype,
+        ps: list[Tensor],
+        gs: list[Tensor],
+        states: list[dict[str, Tensor]],
+        c: dict[str, float],
+    ) -> None:
+        coef_names = tuple(c)
+        kernel = fused_kernel(type(self)._update, flags, coef_names, group["maximize"])
+        coefs = torch.tensor([c[k] for k in coef_names], dtype=compute_dtype, device=ps[0].device)
+        for p, g, s in zip(ps, gs, states):
+            tensors = [p, g, *(s[n] for n in names)]
+            # The kernel is compiled for flat contiguous tensors of any length; size-0/1 tensors would each
+            # specialize a new graph, and strided ones cannot be flattened without a copy: run those eagerly.
+            if p.numel() < 2 or not all(t.is_contiguous() for t in tensors):
+                apply_update(
+                    self._update, p, g, {n: s[n] for n in names}, c, flags, group["maximize"], compute_dtype
+                )
+                continue
+            flat = [t.view(-1).detach() for t in tensors]  # detach: a view's _base would add shape guards
+            kernel(flat[0], flat[1], dict(zip(names, flat[2:])), coefs)
+
+
+def scalar(value: Any) -> float:
+    """A hyperparameter as a Python float (torch.optim accepts 0-d tensors for lr and betas)."""
+    return float(value.item()) if isinstance(value, Tensor) else float(value)
+

@@ -1,0 +1,175 @@
+"""A list of tensors that answers the Tensor methods an update function uses with torch's ``_foreach`` kernels.
+
+An optimizer's update function is written once against the ordinary Tensor API (``m.lerp_(g, w)``,
+``v.mul_(b).addcmul_(g, g, value=c)``). Given plain tensors it runs per tensor (the loop path and, under
+``torch.compile``, the fused path); given ``TensorList`` arguments the same lines run as multi-tensor
+``_foreach`` calls (the foreach path). Only the methods update functions need are here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def _arg(other: Any) -> Any:
+    return other.tensors if isinstance(other, TensorList) else other
+
+
+class TensorList:
+    """Tensors of one device and dtype, operated on together."""
+
+    __slots__ = ("tensors",)
+
+    def __init__(self, tensors: Iterable[Tensor]) -> None:
+        self.tensors: list[Tensor] = list(tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.tensors[i]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tensors[0].dtype
+
+    # out-of-place arithmetic
+    def add(self, other: Any, *, alpha: float = 1) -> TensorList:
+        if isinstance(other, TensorList):
+            return TensorList(torch._foreach_add(self.tensors, other.tensors, alpha=alpha))
+        return TensorList(torch._foreach_add(self.tensors, other))
+
+    def sub(self, other: Any, *, alpha: float = 1) -> TensorList:
+        if isinstance(other, TensorList):
+            return TensorList(torch._foreach_sub(self.tensors, other.tensors, alpha=alpha))
+        return TensorList(torch._foreach_sub(self.tensors, other))
+
+    def mul(self, other: Any) -> TensorList:
+        return TensorList(torch._foreach_mul(self.tensors, _arg(other)))
+
+    def div(self, other: Any) -> TensorList:
+        return TensorList(torch._foreach_div(self.tensors, _arg(other)))
+
+    def sqrt(self) -> TensorList:
+        return TensorList(torch._foreach_sqrt(self.tensors))
+
+    def abs(self) -> TensorList:
+        return TensorList(torch._foreach_abs(self.tensors))
+
+    def sign(self) -> TensorList:
+        return TensorList(torch._foreach_sign(self.tensors))
+
+    def neg(self) -> TensorList:
+        return TensorList(torch._foreach_neg(self.tensors))
+
+    def reciprocal(self) -> TensorList:
+        return TensorList(torch._foreach_reciprocal(self.tensors))
+
+    def maximum(self, other: TensorList) -> TensorList:
+        return TensorList(torch._foreach_maximum(self.tensors, other.tensors))
+
+    def clamp(self, min: float | None = None, max: float | None = None) -> TensorList:  # noqa: A002
+        out = self.tensors
+        if min is not None:
+            out = torch._foreach_clamp_min(out, min)
+        if max is not None:
+            out = torch._foreach_clamp_max(out, max)
+        return TensorList(out if out is not self.tensors else torch._foreach_mul(out, 1.0))
+
+    def addcmul(self, t1: TensorList, t2: TensorList, *, value: float = 1) -> TensorList:
+        return TensorList(torch._foreach_addcmul(self.tensors, t1.tensors, t2.tensors, value=value))
+
+    def addcdiv(self, t1: TensorList, t2: TensorList, *, value: float = 1) -> TensorList:
+        return TensorList(torch._foreach_addcdiv(self.tensors, t1.tensors, t2.tensors, value=value))
+
+    def lerp(self, end: TensorList, weight: float) -> TensorList:
+        return TensorList(torch._foreach_lerp(self.tensors, end.tensors, weight))
+
+    def clone(self) -> TensorList:
+        return TensorList(t.clone() for t in self.tensors)
+
+    def to(self, dtype: torch.dtype) -> TensorList:
+        return TensorList(t.to(dtype) for t in self.tensors)
+
+    # in-place arithmetic
+    def add_(self, other: Any, *, alpha: float = 1) -> TensorList:
+        if isinstance(other, TensorList):
+            torch._foreach_add_(self.tensors, other.tensors, alpha=alpha)
+        else:
+            torch._foreach_add_(self.tensors, other)
+        return self
+
+    def sub_(self, other: Any, *, alpha: float = 1) -> TensorList:
+        if isinstance(other, TensorList):
+            torch._foreach_sub_(self.tensors, other.tensors, alpha=alpha)
+        else:
+            torch._foreach_sub_(self.tensors, other)
+        return self
+
+    def mul_(self, other: Any) -> TensorList:
+        torch._foreach_mul_(self.tensors, _arg(other))
+        return self
+
+    def div_(self, other: Any) -> TensorList:
+        torch._foreach_div_(self.tensors, _arg(other))
+        return self
+
+    def sqrt_(self) -> TensorList:
+        torch._foreach_sqrt_(self.tensors)
+        return self
+
+    def neg_(self) -> TensorList:
+        torch._foreach_neg_(self.tensors)
+        return self
+
+    def sign_(self) -> TensorList:
+        torch._foreach_sign_(self.tensors)
+        return self
+
+    def maximum_(self, other: TensorList) -> TensorList:
+        torch._foreach_maximum_(self.tensors, other.tensors)
+        return self
+
+    def clamp_(self, min: float | None = None, max: float | None = None) -> TensorList:  # noqa: A002
+        if min is not None:
+            torch._foreach_clamp_min_(self.tensors, min)
+        if max is not None:
+            torch._foreach_clamp_max_(self.tensors, max)
+        return self
+
+    def lerp_(self, end: TensorList, weight: float) -> TensorList:
+        torch._foreach_lerp_(self.tensors, end.tensors, weight)
+        return self
+
+    def addcmul_(self, t1: TensorList, t2: TensorList, *, value: float = 1) -> TensorList:
+        torch._foreach_addcmul_(self.tensors, t1.tensors, t2.tensors, value=value)
+        return self
+
+    def addcdiv_(self, t1: TensorList, t2: TensorList, *, value: float = 1) -> TensorList:
+        torch._foreach_addcdiv_(self.tensors, t1.tensors, t2.tensors, value=value)
+        return self
+
+    def copy_(self, src: TensorList) -> TensorList:
+        torch._foreach_copy_(self.tensors, src.tensors)
+        return self
+
+    def zero_(self) -> TensorList:
+        torch._foreach_zero_(self.tensors)
+        return self
+
+    __add__ = add
+    __sub__ = sub
+    __mul__ = mul
+    __truediv__ = div
+    __neg__ = neg
+
+    def __radd__(self, other: float) -> TensorList:
+        return self.add(other)
+
+    def __rmul__(self, other: float) -> TensorList:
+        return self.mul(other)
+

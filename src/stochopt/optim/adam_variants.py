@@ -1,0 +1,256 @@
+"""Adam variants that change how the moments become a step: NAdam, RAdam, AdaBound."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from stochopt.engine import STEP, EngineOptimizer, StateSpec, scalar
+from stochopt.engine import checks
+from stochopt.optim.adam import ADAM_MOMENTS
+from stochopt.optim.common import (
+    adam_coefficients,
+    bias_correction,
+    check_adam_group,
+    ema_,
+    ema_square_,
+    l2_penalty,
+    running_max_,
+    weight_decay,
+)
+
+
+class NAdam(EngineOptimizer):
+    r"""NAdam: Adam with Nesterov momentum (Dozat, 2016, "Incorporating Nesterov Momentum into Adam"), with
+    torch's momentum-decay schedule.
+
+    .. math::
+        \mu_t &= \beta_1 \left(1 - \tfrac12\, 0.96^{t\psi}\right), \qquad
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \quad v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+        \theta_t &= \theta_{t-1} - \eta \left[\frac{(1-\mu_t)\, g_t}{1-\prod_{i\le t}\mu_i}
+            + \frac{\mu_{t+1}\, m_t}{1-\prod_{i\le t+1}\mu_i}\right]
+            \Big/ \left(\sqrt{v_t/(1-\beta_2^t)} + \epsilon\right)
+
+    with :math:`\psi` = ``momentum_decay``. Weight decay is L2 or, with ``decoupled_weight_decay=True``,
+    decoupled (NAdamW). Arguments, defaults and state names follow ``torch.optim.NAdam``.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | torch.Tensor = 2e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        momentum_decay: float = 4e-3,
+        decoupled_weight_decay: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        fused: bool | None = None,
+        nonfinite: str | None = None,
+        state_dtype: torch.dtype | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum_decay=momentum_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            maximize=maximize, foreach=foreach, fused=fused, nonfinite=nonfinite, state_dtype=state_dtype,
+        )  # fmt: skip
+        super().__init__(params, defaults)
+
+    def _validate(self, group: dict[str, Any]) -> None:
+        check_adam_group(group)
+        checks.nonnegative("momentum_decay", group["momentum_decay"])
+        checks.flag("decoupled_weight_decay", group["decoupled_weight_decay"])
+
+    def _layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
+        return (STEP, StateSpec("mu_product", shape="scalar", dtype="scalar", init=1.0)) + ADAM_MOMENTS[1:]
+
+    def _flags(self, group: dict[str, Any], step: int) -> dict[str, Any]:
+        return {"decay": group["weight_decay"] != 0, "decoupled": bool(group["decoupled_weight_decay"])}
+
+    def _coefficients(self, group: dict[str, Any], step: int, states: list) -> dict[str, float]:
+        c = adam_coefficients(group, step)
+        beta1 = scalar(group["betas"][0])
+        psi = scalar(group["momentum_decay"])
+        mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * psi))
+        mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * psi))
+        # The running product is scalar state, kept in torch's scalar dtype like torch.optim.NAdam keeps it.
+        torch._foreach_mul_([s["mu_product"] for s in states], mu)
+        mu_product = states[0]["mu_product"].item()
+        c.update(
+            bc2=bias_correction(scalar(group["betas"][1]), step),
+            grad_coef=-c["lr"] * (1.0 - mu) / (1.0 - mu_product),
+            exp_avg_coef=-c["lr"] * mu_next / (1.0 - mu_product * mu_next),
+        )
+        return c
+
+    @staticmethod
+    def _update(p: Any, g: Any, state: dict, c: dict, *, decay: bool, decoupled: bool) -> None:
+        g = weight_decay(p, g, c, decay=decay, decoupled=decoupled)
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        ema_(m, g, c["one_minus_beta1"])
+        ema_square_(v, g, c["beta2"], c["one_minus_beta2"])
+        denom = v.div(c["bc2"]).sqrt_().add_(c["eps"])
+        p.addcdiv_(g, denom, value=c["grad_coef"])
+        p.addcdiv_(m, denom, value=c["exp_avg_coef"])
+
+
+class RAdam(EngineOptimizer):
+    r"""Rectified Adam (Liu et al., 2020, "On the Variance of the Adaptive Learning Rate and Beyond").
+
+    .. math::
+        \rho_\infty &= \frac{2}{1-\beta_2} - 1, \qquad
+        \rho_t = \rho_\infty - \frac{2 t \beta_2^t}{1-\beta_2^t} \\
+        \theta_t &= \theta_{t-1} - \frac{\eta}{1-\beta_1^t}\, m_t \cdot
+        \begin{cases} r_t \dfrac{\sqrt{1-\beta_2^t}}{\sqrt{v_t} + \epsilon} & \rho_t > 5 \\ 1 & \text{otherwise}
+        \end{cases}, \qquad
+        r_t = \sqrt{\frac{(\rho_t-4)(\rho_t-2)\rho_\infty}{(\rho_\infty-4)(\rho_\infty-2)\rho_t}}
+
+    While the variance of the adaptive rate is intractable (:math:`\rho_t \le 5`) the step is momentum SGD.
+    Weight decay is L2 or decoupled. Arguments, defaults and state names follow ``torch.optim.RAdam``.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        fused: bool | None = None,
+        nonfinite: str | None = None,
+        state_dtype: torch.dtype | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+            maximize=maximize, foreach=foreach, fused=fused, nonfinite=nonfinite, state_dtype=state_dtype,
+        )  # fmt: skip
+        super().__init__(params, defaults)
+
+    def _validate(self, group: dict[str, Any]) -> None:
+        check_adam_group(group)
+        checks.flag("decoupled_weight_decay", group["decoupled_weight_decay"])
+
+    def _layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
+        return ADAM_MOMENTS
+
+    @staticmethod
+    def _rho(beta2: float, step: int) -> tuple[float, float]:
+        rho_inf = 2.0 / (1.0 - beta2) - 1.0
+        return rho_inf, rho_inf - 2.0 * step * beta2**step / bias_correction(beta2, step)
+
+    def _flags(self, group: dict[str, Any], step: int) -> dict[str, Any]:
+        _, rho_t = self._rho(scalar(group["betas"][1]), step)
+        return {
+            "decay": group["weight_decay"] != 0,
+            "decoupled": bool(group["decoupled_weight_decay"]),
+            "rectified": rho_t > 5.0,
+        }
+
+    def _coefficients(self, group: dict[str, Any], step: int, states: list) -> dict[str, float]:
+        c = adam_coefficients(group, step)
+        beta2 = scalar(group["betas"][1])
+        rho_inf, rho_t = self._rho(beta2, step)
+        rect = 0.0
+        if rho_t > 5.0:
+            rect = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+        c["rectified_step"] = c["neg_step_size"] * rect * c["bc2_sqrt"]
+        return c
+
+    @staticmethod
+    def _update(p: Any, g: Any, state: dict, c: dict, *, decay: bool, decoupled: bool, rectified: bool) -> None:
+        g = weight_decay(p, g, c, decay=decay, decoupled=decoupled)
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        ema_(m, g, c["one_minus_beta1"])
+        ema_square_(v, g, c["beta2"], c["one_minus_beta2"])
+        if rectified:
+            p.addcdiv_(m, v.sqrt().add_(c["eps"]), value=c["rectified_step"])
+        else:
+            p.add_(m, alpha=c["neg_step_size"])
+
+
+class AdaBound(EngineOptimizer):
+    r"""AdaBound (Luo et al., 2019, "Adaptive Gradient Methods with Dynamic Bound of Learning Rate"); AMSBound
+    with ``amsbound=True``.
+
+    .. math::
+        \eta^*_t &= \eta^\text{final}\,\eta/\eta_0, \qquad
+        l_t = \eta^*_t\Big(1 - \frac{1}{\gamma t + 1}\Big), \quad u_t = \eta^*_t\Big(1 + \frac{1}{\gamma t}\Big) \\
+        \theta_t &= \theta_{t-1} - \mathrm{clip}\!\left(\frac{\eta\sqrt{1-\beta_2^t}}{(1-\beta_1^t)
+            (\sqrt{\hat v_t} + \epsilon)},\, l_t,\, u_t\right) m_t
+
+    with Adam's :math:`m_t` and :math:`\hat v_t` (the running max for AMSBound) and L2 weight decay, as in the
+    authors' implementation. :math:`\eta_0` is the group's lr when it was created, so a scheduler moves the
+    bounds with lr. ``gamma = inf`` collapses both bounds to ``final_lr``: the method is then SGD with EMA
+    momentum at that rate.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        final_lr: float = 0.1,
+        gamma: float = 1e-3,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsbound: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        nonfinite: str | None = None,
+        state_dtype: torch.dtype | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=betas, final_lr=final_lr, gamma=gamma, eps=eps, weight_decay=weight_decay,
+            amsbound=amsbound,
+            maximize=maximize, foreach=foreach, fused=fused, nonfinite=nonfinite, state_dtype=state_dtype,
+        )  # fmt: skip
+        super().__init__(params, defaults)
+
+    def _validate(self, group: dict[str, Any]) -> None:
+        check_adam_group(group)
+        checks.nonnegative("final_lr", group["final_lr"])
+        gamma = group["gamma"]
+        if not (isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and gamma > 0):
+            raise ValueError(f"gamma must be a number > 0 (inf allowed), got {gamma!r}")
+        checks.flag("amsbound", group["amsbound"])
+        group.setdefault("base_lr", scalar(group["lr"]))  # eta_0: the bounds follow lr / base_lr
+
+    def _layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
+        return ADAM_MOMENTS + ((StateSpec("max_exp_avg_sq"),) if group["amsbound"] else ())
+
+    def _flags(self, group: dict[str, Any], step: int) -> dict[str, Any]:
+        return {"decay": group["weight_decay"] != 0, "amsbound": bool(group["amsbound"])}
+
+    def _coefficients(self, group: dict[str, Any], step: int, states: list) -> dict[str, float]:
+        c = adam_coefficients(group, step)
+        beta1, beta2 = (scalar(b) for b in group["betas"])
+        final_lr = scalar(group["final_lr"]) * c["lr"] / group["base_lr"] if group["base_lr"] else 0.0
+        gamma = float(group["gamma"])
+        c.update(
+            step_size=c["lr"] * math.sqrt(bias_correction(beta2, step)) / bias_correction(beta1, step),
+            lower=final_lr * (1.0 - 1.0 / (gamma * step + 1.0)),
+            upper=final_lr * (1.0 + 1.0 / (gamma * step)),
+        )
+        return c
+
+    @staticmethod
+    def _update(p: Any, g: Any, state: dict, c: dict, *, decay: bool, amsbound: bool) -> None:
+        if decay:
+            g = l2_penalty(g, p, c["weight_decay"])
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        ema_(m, g, c["one_minus_beta1"])
+        ema_square_(v, g, c["beta2"], c["one_minus_beta2"])
+        if amsbound:
+            v = running_max_(state["max_exp_avg_sq"], v)
+        rate = v.sqrt().add_(c["eps"]).reciprocal().mul_(c["step_size"]).clamp_(c["lower"], c["upper"])
+        p.sub_(rate.mul_(m))

@@ -1,0 +1,72 @@
+"""Lion: the sign of an interpolated momentum (Chen et al., 2023)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from stochopt.engine import STEP, EngineOptimizer, StateSpec, scalar
+from stochopt.engine import checks
+from stochopt.optim.common import decoupled_decay_, ema_
+
+
+class Lion(EngineOptimizer):
+    r"""Lion, EvoLved Sign Momentum (Chen et al., 2023, "Symbolic Discovery of Optimization Algorithms").
+
+    .. math::
+        u_t &= \mathrm{sign}\big(\beta_1 m_{t-1} + (1-\beta_1) g_t\big) \\
+        \theta_t &= (1-\eta\lambda)\,\theta_{t-1} - \eta\, u_t \\
+        m_t &= \beta_2 m_{t-1} + (1-\beta_2) g_t
+
+    One state tensor instead of Adam's two. The paper suggests an lr 3-10x smaller than AdamW's and a weight
+    decay 3-10x larger.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | torch.Tensor = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        nonfinite: str | None = None,
+        state_dtype: torch.dtype | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=betas, weight_decay=weight_decay,
+            maximize=maximize, foreach=foreach, fused=fused, nonfinite=nonfinite, state_dtype=state_dtype,
+        )  # fmt: skip
+        super().__init__(params, defaults)
+
+    def _validate(self, group: dict[str, Any]) -> None:
+        checks.nonnegative("lr", group["lr"])
+        checks.betas(group["betas"], closed_right=True)
+        checks.nonnegative("weight_decay", group["weight_decay"])
+
+    def _layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
+        return (STEP, StateSpec("exp_avg"))
+
+    def _flags(self, group: dict[str, Any], step: int) -> dict[str, Any]:
+        return {"decay": group["weight_decay"] != 0}
+
+    def _coefficients(self, group: dict[str, Any], step: int, states: list) -> dict[str, float]:
+        lr = scalar(group["lr"])
+        beta1, beta2 = (scalar(b) for b in group["betas"])
+        return {
+            "neg_lr": -lr,
+            "decay_factor": 1.0 - lr * scalar(group["weight_decay"]),
+            "one_minus_beta1": 1.0 - beta1,
+            "one_minus_beta2": 1.0 - beta2,
+        }
+
+    @staticmethod
+    def _update(p: Any, g: Any, state: dict, c: dict, *, decay: bool) -> None:
+        if decay:
+            decoupled_decay_(p, c["decay_factor"])
+        m = state["exp_avg"]
+        p.add_(m.lerp(g, c["one_minus_beta1"]).sign_(), alpha=c["neg_lr"])
+        ema_(m, g, c["one_minus_beta2"])

@@ -1,0 +1,154 @@
+"""Stochastic gradient descent: plain, heavy-ball, Nesterov, and quasi-hyperbolic momentum."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from stochopt.engine import STEP, EngineOptimizer, StateSpec, scalar
+from stochopt.engine import checks
+from stochopt.optim.common import heavy_ball_, l2_penalty, nesterov_direction
+
+
+class SGD(EngineOptimizer):
+    r"""Stochastic gradient descent with optional momentum, Nesterov momentum and L2 weight decay.
+
+    With gradient :math:`g_t`, momentum :math:`\mu`, dampening :math:`\tau`, weight decay :math:`\lambda`:
+
+    .. math::
+        g_t &\leftarrow g_t + \lambda\theta_{t-1} \\
+        b_t &= \mu b_{t-1} + (1-\tau) g_t \quad (b_1 = g_1) \\
+        d_t &= g_t + \mu b_t \text{ (Nesterov) or } b_t \\
+        \theta_t &= \theta_{t-1} - \eta\, d_t
+
+    ``dampening = momentum`` gives the exponential-moving-average form :math:`b_t = \mu b_{t-1} + (1-\mu) g_t`.
+    Full-batch gradient descent is this class fed full batches. Semantics, argument names and defaults follow
+    ``torch.optim.SGD`` (Robbins & Monro, 1951; Polyak, 1964; Sutskever et al., 2013, "On the importance of
+    initialization and momentum in deep learning").
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | torch.Tensor = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        nonfinite: str | None = None,
+        state_dtype: torch.dtype | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+            maximize=maximize, foreach=foreach, fused=fused, nonfinite=nonfinite, state_dtype=state_dtype,
+        )  # fmt: skip
+        super().__init__(params, defaults)
+
+    def _validate(self, group: dict[str, Any]) -> None:
+        checks.nonnegative("lr", group["lr"])
+        checks.nonnegative("momentum", group["momentum"])
+        checks.nonnegative("dampening", group["dampening"])
+        checks.nonnegative("weight_decay", group["weight_decay"])
+        checks.flag("nesterov", group["nesterov"])
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError(
+                "nesterov=True needs momentum > 0 and dampening = 0, got "
+                f"momentum={group['momentum']!r}, dampening={group['dampening']!r}"
+            )
+
+    def _layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
+        return (STEP, StateSpec("momentum_buffer")) if group["momentum"] != 0 else (STEP,)
+
+    def _flags(self, group: dict[str, Any], step: int) -> dict[str, Any]:
+        return {
+            "momentum": group["momentum"] != 0,
+            "nesterov": bool(group["nesterov"]),
+            "decay": group["weight_decay"] != 0,
+        }
+
+    def _coefficients(self, group: dict[str, Any], step: int, states: list) -> dict[str, float]:
+        # torch.optim.SGD starts the buffer at b_1 = g_1 (no dampening on the first step)
+        dampening_factor = 1.0 if step == 1 else 1.0 - scalar(group["dampening"])
+        return {
+            "neg_lr": -scalar(group["lr"]),
+            "momentum": scalar(group["momentum"]),
+            "dampening_factor": dampening_factor,
+            "weight_decay": scalar(group["weight_decay"]),
+        }
+
+    @staticmethod
+    def _update(p: Any, g: Any, state: dict, c: dict, *, momentum: bool, nesterov: bool, decay: bool) -> None:
+        if decay:
+            g = l2_penalty(g, p, c["weight_decay"])
+        if momentum:
+            buf = state["momentum_buffer"]
+            heavy_ball_(buf, g, c["momentum"], c["dampening_factor"])
+            g = nesterov_direction(g, buf, c["momentum"]) if nesterov else buf
+        p.add_(g, alpha=c["neg_lr"])
+
+
+class QHM(EngineOptimizer):
+    r"""Quasi-hyperbolic momentum (Ma & Yarats, 2019, "Quasi-hyperbolic momentum and Adam for deep learning").
+
+    .. math::
+        g_t &\leftarrow g_t + \lambda\theta_{t-1} \\
+        b_t &= \beta b_{t-1} + (1-\beta) g_t \\
+        \theta_t &= \theta_{t-1} - \eta\,[(1-\nu) g_t + \nu b_t]
+
+    ``nu = 0`` is plain SGD, ``nu = 1`` is EMA momentum: SGD(lr=eta (1-beta), momentum=beta). The paper's
+    recommended default is ``nu = 0.7, beta = 0.999``.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | torch.Tensor = 1e-3,
+        momentum: float = 0.999,
+        nu: float = 0.7,
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        nonfinite: str | None = None,
+        state_dtype: torch.dtype | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr, momentum=momentum, nu=nu, weight_decay=weight_decay,
+            maximize=maximize, foreach=foreach, fused=fused, nonfinite=nonfinite, state_dtype=state_dtype,
+        )  # fmt: skip
+        super().__init__(params, defaults)
+
+    def _validate(self, group: dict[str, Any]) -> None:
+        checks.nonnegative("lr", group["lr"])
+        checks.in_unit_interval("momentum", group["momentum"])
+        checks.in_unit_interval("nu", group["nu"], closed_right=True)
+        checks.nonnegative("weight_decay", group["weight_decay"])
+
+    def _layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
+        return (STEP, StateSpec("momentum_buffer"))
+
+    def _flags(self, group: dict[str, Any], step: int) -> dict[str, Any]:
+        return {"decay": group["weight_decay"] != 0}
+
+    def _coefficients(self, group: dict[str, Any], step: int, states: list) -> dict[str, float]:
+        lr, nu, beta = scalar(group["lr"]), scalar(group["nu"]), scalar(group["momentum"])
+        return {
+            "one_minus_beta": 1.0 - beta,
+            "neg_grad_weight": -lr * (1.0 - nu),
+            "neg_buf_weight": -lr * nu,
+            "weight_decay": scalar(group["weight_decay"]),
+        }
+
+    @staticmethod
+    def _update(p: Any, g: Any, state: dict, c: dict, *, decay: bool) -> None:
+        if decay:
+            g = l2_penalty(g, p, c["weight_decay"])
+        buf = state["momentum_buffer"]
+        buf.lerp_(g, c["one_minus_beta"])
+        p.add_(g, alpha=c["neg_grad_weight"]).add_(buf, alpha=c["neg_buf_weight"])

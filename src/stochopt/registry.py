@@ -1,0 +1,82 @@
+"""The registry of optimizers: names, one-line summaries and references, and construction by name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch.optim import Optimizer
+
+from stochopt import optim
+
+
+@dataclass(frozen=True)
+class OptimizerEntry:
+    name: str
+    cls: type[Optimizer]
+    summary: str
+    reference: str
+    elementwise: bool = True  # its math is elementwise, so its fused path is one kernel per tensor
+
+
+_REGISTRY: dict[str, OptimizerEntry] = {}
+
+
+def register(name: str, cls: type[Optimizer], summary: str, reference: str, *, elementwise: bool = True) -> None:
+    """Add an optimizer under ``name`` (lower case); later issues' optimizers register here too."""
+    key = name.lower()
+    if key in _REGISTRY:
+        raise ValueError(f"an optimizer named {name!r} is already registered ({_REGISTRY[key].cls.__qualname__})")
+    _REGISTRY[key] = OptimizerEntry(key, cls, summary, reference, elementwise)
+
+
+def list_optimizers() -> list[str]:
+    """Names of every registered optimizer, in registration order."""
+    return list(_REGISTRY)
+
+
+def optimizer_entry(name: str) -> OptimizerEntry:
+    try:
+        return _REGISTRY[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(_REGISTRY)}") from None
+
+
+def create_optimizer(name: str, params: Any, **hyperparameters: Any) -> Optimizer:
+    """``create_optimizer("adamw", model.parameters(), lr=3e-4)``: the registered class, built with these."""
+    entry = optimizer_entry(name)
+    try:
+        return entry.cls(params, **hyperparameters)
+    except TypeError as err:
+        if "unexpected keyword argument" in str(err):
+            raise TypeError(f"{entry.cls.__name__}: {err}") from None
+        raise
+
+
+for _name, _cls, _summary, _reference in [
+    ("sgd", optim.SGD, "SGD with heavy-ball or Nesterov momentum and L2 weight decay",
+     "Robbins & Monro 1951; Polyak 1964; Sutskever et al. 2013"),
+    ("qhm", optim.QHM, "quasi-hyperbolic momentum: a weighted mix of the gradient and its EMA",
+     "Ma & Yarats 2019, arXiv:1810.06801"),
+    ("adagrad", optim.Adagrad, "per-coordinate rates from the sum of squared gradients",
+     "Duchi, Hazan & Singer 2011, JMLR 12"),
+    ("rmsprop", optim.RMSprop, "rates from an EMA of squared gradients; centered and momentum forms",
+     "Tieleman & Hinton 2012; Graves 2013, arXiv:1308.0850"),
+    ("adadelta", optim.Adadelta, "unit-corrected rates from EMAs of squared gradients and updates",
+     "Zeiler 2012, arXiv:1212.5701"),
+    ("adam", optim.Adam, "bias-corrected first and second moments; AMSGrad option",
+     "Kingma & Ba 2015, arXiv:1412.6980; Reddi et al. 2018"),
+    ("adamw", optim.AdamW, "Adam with decoupled weight decay", "Loshchilov & Hutter 2019, arXiv:1711.05101"),
+    ("qhadam", optim.QHAdam, "quasi-hyperbolic Adam: gradient/moment mixes in both moments",
+     "Ma & Yarats 2019, arXiv:1810.06801"),
+    ("nadam", optim.NAdam, "Adam with Nesterov momentum and momentum decay", "Dozat 2016, ICLR workshop"),
+    ("radam", optim.RAdam, "Adam with variance rectification of the adaptive rate",
+     "Liu et al. 2020, arXiv:1908.03265"),
+    ("adabound", optim.AdaBound, "Adam with rates clipped to bounds converging to SGD's; AMSBound option",
+     "Luo et al. 2019, arXiv:1902.09843"),
+    ("lion", optim.Lion, "sign of an interpolated momentum; one state tensor",
+     "Chen et al. 2023, arXiv:2302.06675"),
+    ("lazyadam", optim.LazyAdam, "Adam that updates only the rows of a sparse gradient",
+     "Kingma & Ba 2015; torch.optim.SparseAdam; TF Addons LazyAdam"),
+]:  # fmt: skip
+    register(_name, _cls, _summary, _reference)
