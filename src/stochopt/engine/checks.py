@@ -131,8 +131,8 @@ def check_loaded_state(opt_name: str, layout: tuple[StateSpec, ...], index: Any,
     for spec in layout:
         value = saved.get(spec.name)
         if not isinstance(value, Tensor):
-            if spec.name == "step" and isinstance(value, (int, float)):
-                continue
+            if spec.name == "step" and (value is None or isinstance(value, (int, float))):
+                continue  # torch.optim.SGD keeps no step; old torch versions kept it as a number
             raise ValueError(f"state_dict: state '{spec.name}' of parameter {index} is {type(value).__name__}, not a tensor")
         want = spec_shape(spec, param)
         if value.shape != want:

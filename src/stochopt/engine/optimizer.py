@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from stochopt.engine import checks
-from stochopt.engine.fused import fused_kernel
+from stochopt.engine.fused import FUSED_MIN_NUMEL, fused_kernel
 from stochopt.engine.layout import STEP, StateSpec, new_state_tensor, state_dtype_for
 from stochopt.engine.tensorlist import TensorList
 
@@ -255,17 +255,20 @@ class EngineOptimizer(Optimizer):
         coef_names = tuple(c)
         kernel = fused_kernel(type(self)._update, flags, coef_names, group["maximize"])
         coefs = torch.tensor([c[k] for k in coef_names], dtype=compute_dtype, device=ps[0].device)
-        for p, g, s in zip(ps, gs, states):
+        small = []
+        for i, (p, g, s) in enumerate(zip(ps, gs, states)):
             tensors = [p, g, *(s[n] for n in names)]
-            # The kernel is compiled for flat contiguous tensors of any length; size-0/1 tensors would each
-            # specialize a new graph, and strided ones cannot be flattened without a copy: run those eagerly.
-            if p.numel() < 2 or not all(t.is_contiguous() for t in tensors):
-                apply_update(
-                    self._update, p, g, {n: s[n] for n in names}, c, flags, group["maximize"], compute_dtype
-                )
+            # Small tensors cost more in dispatch than the kernel saves, and strided ones cannot be flattened
+            # without a copy: those take the foreach path below, together.
+            if p.numel() < FUSED_MIN_NUMEL or not all(t.is_contiguous() for t in tensors):
+                small.append(i)
                 continue
             flat = [t.view(-1).detach() for t in tensors]  # detach: a view's _base would add shape guards
             kernel(flat[0], flat[1], dict(zip(names, flat[2:])), coefs)
+        if small:
+            tl_state = {n: TensorList(states[i][n] for i in small) for n in names}
+            tensors = TensorList(ps[i] for i in small), TensorList(gs[i] for i in small)
+            apply_update(self._update, *tensors, tl_state, c, flags, group["maximize"], compute_dtype)
 
 
 def scalar(value: Any) -> float:

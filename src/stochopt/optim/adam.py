@@ -83,7 +83,7 @@ class Adam(EngineOptimizer):
         ema_square_(v, g, c["beta2"], c["one_minus_beta2"])
         if amsgrad:
             v = running_max_(state["max_exp_avg_sq"], v)
-        denom = (v.sqrt() / c["bc2_sqrt"]).add_(c["eps"])
+        denom = v.sqrt().div_(c["bc2_sqrt"]).add_(c["eps"])
         p.addcdiv_(m, denom, value=c["neg_step_size"])
 
 

@@ -1,0 +1,59 @@
+"""The ``stochopt`` command: thin wrappers that parse, call one library function and print."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _list(args: argparse.Namespace) -> int:
+    from stochopt.registry import list_optimizers, optimizer_entry
+
+    for name in list_optimizers():
+        entry = optimizer_entry(name)
+        print(f"{name:<10} {entry.cls.__name__:<10} {entry.summary}  [{entry.reference}]")
+    return 0
+
+
+def _speed(args: argparse.Namespace) -> int:
+    from stochopt.speed import as_json, format_table, run_speed
+
+    names = [n.strip() for n in args.optimizers.split(",")] if args.optimizers else None
+    results, total = run_speed(
+        names, args.params, steps=args.steps, warmup=args.warmup, progress=lambda m: print(m, file=sys.stderr)
+    )
+    print(format_table(results, total))
+    if args.json:
+        Path(args.json).write_text(json.dumps(as_json(results, total), indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stochopt", description="stochastic optimizers for PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_list = sub.add_parser("list", help="every optimizer, with what it is and its reference")
+    p_list.set_defaults(func=_list)
+    p_speed = sub.add_parser("speed", help="time one optimizer step in every execution path")
+    p_speed.add_argument("--optimizers", help="comma-separated names (default: all elementwise optimizers)")
+    p_speed.add_argument("--params", type=int, default=30_000_000, help="total parameters (default 30M)")
+    p_speed.add_argument("--steps", type=int, default=20, help="timed steps per measurement (default 20)")
+    p_speed.add_argument("--warmup", type=int, default=2, help="untimed steps after the first (default 2)")
+    p_speed.add_argument("--json", metavar="PATH", help="also write the measurements as JSON")
+    p_speed.set_defaults(func=_speed)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as err:
+        print(f"stochopt: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

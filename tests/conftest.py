@@ -1,0 +1,45 @@
+"""Shared fixtures: a deterministic problem whose gradients depend on the parameters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# one tensor above the fused path's size threshold, so that the compiled kernel runs, and small ones below it
+SHAPES = [(300, 256), (7, 5), (11,), (3, 4, 2), (1,)]
+PATHS = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}, "default": {}}
+
+
+def make_params(shapes=SHAPES, dtype=torch.float64, seed=0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype).requires_grad_() for s in shapes]
+
+
+def clone_params(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [p.detach().clone().requires_grad_() for p in params]
+
+
+def set_grads(params: list[torch.Tensor], step: int, sparse_rows: bool = False) -> None:
+    """g = p * scale + noise_t: a noisy quadratic, so a wrong step changes every later gradient."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    for i, p in enumerate(params):
+        noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        p.grad = (p.detach().double() * (0.5 + 0.1 * i) + noise).to(p.dtype)
+
+
+def run(opt: torch.optim.Optimizer, params: list[torch.Tensor], steps: int, start: int = 0, scheduler=None) -> None:
+    for t in range(start, start + steps):
+        set_grads(params, t)
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+def assert_same(a: list[torch.Tensor], b: list[torch.Tensor], rtol: float = 1e-12, atol: float = 1e-12) -> None:
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.detach(), y.detach(), rtol=rtol, atol=atol)
+
+
+@pytest.fixture(params=list(PATHS), ids=list(PATHS))
+def path(request) -> dict:
+    return PATHS[request.param]
