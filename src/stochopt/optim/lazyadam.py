@@ -14,7 +14,8 @@ from stochopt.optim.adam import ADAM_MOMENTS, Adam
 
 class LazyAdam(Adam):
     r"""Adam for sparse gradients (``nn.Embedding(sparse=True)``): moments and parameters change only at the
-    rows present in the gradient, so a step costs O(rows in the batch), not O(table).
+    rows present in the gradient, so a step costs O(rows in the batch), not O(table). Adam is Kingma & Ba
+    (2015); the lazy sparse form is that of torch.optim.SparseAdam and TensorFlow Addons' LazyAdam (2019).
 
     On a sparse gradient with rows :math:`R_t`, for :math:`i \in R_t` only:
 

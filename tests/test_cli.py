@@ -1,0 +1,44 @@
+"""The command line: `stochopt list` and `stochopt speed`."""
+
+from __future__ import annotations
+
+import json
+
+import stochopt
+from stochopt.cli import main
+from stochopt.speed import model_like_shapes
+
+
+def test_list_names_every_optimizer(capsys) -> None:
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in stochopt.list_optimizers():
+        assert name in out
+
+
+def test_speed_writes_ratios_against_torch(tmp_path, capsys) -> None:
+    path = tmp_path / "speed.json"
+    code = main(["speed", "--optimizers", "sgd", "--params", "400000", "--steps", "2", "--warmup", "0",
+                 "--json", str(path)])  # fmt: skip
+    assert code == 0
+    data = json.loads(path.read_text())
+    rows = {(r["optimizer"], r["library"], r["path"]): r for r in data["results"]}
+    assert {("sgd", "stochopt", p) for p in ("loop", "foreach", "fused", "default")} <= set(rows)
+    assert {("sgd", "torch", p) for p in ("foreach", "fused", "default")} <= set(rows)
+    baseline = rows[("adamw", "torch", "fused")]
+    assert baseline["ratio_to_torch_fused_adamw"] == 1.0
+    assert rows[("sgd", "stochopt", "fused")]["recompiles"] == 0
+    assert all(r["params_per_s"] > 0 for r in data["results"])
+    assert "vs torch" in capsys.readouterr().out
+
+
+def test_speed_rejects_unknown_optimizer(capsys) -> None:
+    assert main(["speed", "--optimizers", "nope", "--params", "1000"]) == 2
+    assert "unknown optimizer 'nope'" in capsys.readouterr().err
+
+
+def test_model_like_shapes_scale() -> None:
+    shapes = model_like_shapes(30_000_000)
+    total = sum(a * (b[0] if b else 1) for a, *b in shapes)
+    assert 45 <= len(shapes) <= 55 and abs(total - 30_000_000) / 30_000_000 < 0.05
+    assert any(len(s) == 1 for s in shapes) and max(a for a, *_ in shapes) >= 10_000

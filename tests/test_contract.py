@@ -1,0 +1,401 @@
+"""The torch.optim contract, checked for every registered optimizer: a new optimizer is tested the moment it
+is registered."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import io
+import math
+
+import pytest
+import torch
+
+import stochopt
+from stochopt.engine import NonFiniteGradientError
+from stochopt.engine.layout import state_nbytes
+from tests.conftest import PATHS, assert_same, clone_params, make_params, run, set_grads
+
+NAMES = stochopt.list_optimizers()
+# Hyperparameters for the contract runs: weight decay on where the optimizer has it, so that it is exercised.
+CONTRACT_HP = {
+    "sgd": dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01),
+    "qhm": dict(lr=0.05, momentum=0.9, nu=0.7, weight_decay=0.01),
+    "adagrad": dict(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=0.01),
+    "rmsprop": dict(lr=0.01, momentum=0.9, centered=True),
+    "adadelta": dict(lr=0.5, rho=0.8, weight_decay=0.01),
+    "adam": dict(lr=0.01, weight_decay=0.01),
+    "adamw": dict(lr=0.01, weight_decay=0.1, amsgrad=True),
+    "qhadam": dict(lr=0.01, betas=(0.9, 0.99), nus=(0.7, 0.9), eps=1e-8, weight_decay=0.01),
+    "nadam": dict(lr=0.01, weight_decay=0.01, momentum_decay=0.01),
+    "radam": dict(lr=0.01, weight_decay=0.01),
+    "adabound": dict(lr=0.01, betas=(0.9, 0.999), final_lr=0.1, gamma=1e-2, weight_decay=0.01),
+    "lion": dict(lr=0.01, betas=(0.9, 0.99), weight_decay=0.1),
+    "lazyadam": dict(lr=0.01),
+}
+
+
+def make(name: str, params, **extra) -> torch.optim.Optimizer:
+    return stochopt.create_optimizer(name, params, **{**CONTRACT_HP.get(name, {}), **extra})
+
+
+def test_every_registered_optimizer_has_contract_hyperparameters() -> None:
+    assert set(NAMES) <= set(CONTRACT_HP), "add the new optimizer to CONTRACT_HP"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_class_is_documented_with_explicit_signature(name: str) -> None:
+    entry = stochopt.optimizer_entry(name)
+    assert issubclass(entry.cls, torch.optim.Optimizer)
+    doc = inspect.getdoc(entry.cls) or ""
+    assert ".. math::" in doc and any(str(year) in doc for year in range(1950, 2030)), "equations and paper"
+    kinds = [p.kind for p in inspect.signature(entry.cls.__init__).parameters.values()]
+    assert inspect.Parameter.VAR_KEYWORD not in kinds and inspect.Parameter.VAR_POSITIONAL not in kinds
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_execution_paths_agree(name: str) -> None:
+    results = {}
+    for path, flags in PATHS.items():
+        params = make_params()
+        run(make(name, params, **flags), params, 50)
+        results[path] = params
+    for path in ("foreach", "fused", "default"):
+        assert_same(results[path], results["loop"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("path", ["default", "foreach"])
+def test_state_dict_resume_is_bit_exact(name: str, path: str) -> None:
+    params = make_params()
+    opt = make(name, params, **PATHS[path])
+    run(opt, params, 10)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    resumed_params = clone_params(params)
+    resumed = make(name, resumed_params, **PATHS[path])
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer))
+    run(opt, params, 10, start=10)
+    run(resumed, resumed_params, 10, start=10)
+    for p, q in zip(params, resumed_params):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_param_groups_have_their_own_hyperparameters(name: str) -> None:
+    params = make_params()
+    opt = make(name, params[:2])
+    frozen_before = [p.detach().clone() for p in params[2:]]
+    run(opt, params[:2], 3)
+    opt.add_param_group({"params": params[2:], "lr": 0.0})
+    moving_before = [p.detach().clone() for p in params[:2]]
+    run(opt, params, 5, start=3)
+    for p, before in zip(params[2:], frozen_before):
+        assert torch.equal(p, before), "a group with lr=0 must not move"
+    assert all(not torch.equal(p, b) for p, b in zip(params[:2], moving_before))
+    assert opt.param_groups[1]["lr"] == 0.0 and opt.param_groups[0]["lr"] == CONTRACT_HP[name]["lr"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_closure_and_zero_grad(name: str) -> None:
+    w = torch.tensor([1.0, -2.0], requires_grad=True)
+    opt = make(name, [w])
+    calls = []
+
+    def closure():
+        calls.append(torch.is_grad_enabled())
+        opt.zero_grad()
+        loss = (w**2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert calls == [True] and float(loss) == 5.0
+    opt.zero_grad()
+    assert w.grad is None
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_maximize_is_minimizing_the_negated_gradient(name: str) -> None:
+    pa, pb = make_params(), make_params()
+    oa, ob = make(name, pa, maximize=True), make(name, pb)
+    for t in range(20):
+        set_grads(pa, t)
+        set_grads(pb, t)
+        for p in pb:
+            p.grad.neg_()
+        oa.step()
+        ob.step()
+    assert_same(pa, pb, rtol=0, atol=0)
+
+
+def _numeric_hyperparameters(name: str) -> list[str]:
+    sig = inspect.signature(stochopt.optimizer_entry(name).cls.__init__)
+    return [
+        n
+        for n, p in sig.parameters.items()
+        if isinstance(p.default, float) and not isinstance(p.default, bool) and n != "self"
+    ]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_hyperparameters_are_rejected_by_name(name: str) -> None:
+    params = make_params()
+    with pytest.raises(ValueError, match=r"lr.*-0\.5"):
+        make(name, params, lr=-0.5)
+    for hp in _numeric_hyperparameters(name):
+        with pytest.raises(ValueError, match=hp):
+            make(name, params, **{hp: math.nan})
+        if hp != "gamma":
+            with pytest.raises(ValueError, match=hp):
+                make(name, params, **{hp: -1.0})
+    if "betas" in inspect.signature(stochopt.optimizer_entry(name).cls.__init__).parameters:
+        with pytest.raises(ValueError, match=r"betas\[1\]"):
+            make(name, params, betas=(0.9, 1.5))
+    with pytest.raises(ValueError, match="nonfinite"):
+        make(name, params, nonfinite="ignore")
+    with pytest.raises(ValueError, match="exclusive"):
+        make(name, params, fused=True, foreach=True)
+
+
+def test_nesterov_needs_momentum() -> None:
+    with pytest.raises(ValueError, match="nesterov.*momentum=0"):
+        stochopt.SGD(make_params(), lr=0.1, nesterov=True)
+
+
+@pytest.mark.parametrize(
+    "params,error,pattern",
+    [
+        (lambda: set(make_params()), TypeError, "set"),
+        (lambda: [], ValueError, "empty"),
+        (lambda: make_params()[0], TypeError, "single Tensor"),
+        (lambda: [torch.ones(2, requires_grad=True) * 2], ValueError, "not a leaf"),
+        (lambda: (lambda p: [p, p])(torch.ones(2, requires_grad=True)), ValueError, r"params\[1\] is the same"),
+        (lambda: [torch.ones(2, dtype=torch.long)], TypeError, "floating-point"),
+        (lambda: (lambda p: [{"params": [p]}, {"params": [p]}])(torch.ones(2, requires_grad=True)), ValueError, "one group"),
+    ],
+    ids=["set", "empty", "tensor", "non-leaf", "duplicate", "integer", "two-groups"],
+)
+def test_bad_params_are_rejected(params, error, pattern) -> None:
+    with pytest.raises(error, match=pattern):
+        stochopt.Adam(params(), lr=0.1)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "lazyadam"])
+def test_sparse_gradients_are_rejected(name: str) -> None:
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    opt = make(name, emb.parameters())
+    with pytest.raises(ValueError, match="sparse"):
+        opt.step()
+
+
+def test_complex_params_are_rejected() -> None:
+    z = torch.zeros(3, dtype=torch.complex64, requires_grad=True)
+    z.grad = torch.ones_like(z)
+    with pytest.raises(TypeError, match="complex"):
+        stochopt.Adam([z]).step()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_load_state_dict_checks_what_it_loads(name: str) -> None:
+    params = make_params()
+    opt = make(name, params)
+    run(opt, params, 2)
+    other = "lion" if name != "lion" else "adagrad"
+    foreign_params = clone_params(params)
+    foreign = make(other, foreign_params)
+    run(foreign, foreign_params, 1)
+    with pytest.raises(ValueError, match="state_dict"):
+        make(name, clone_params(params)).load_state_dict(foreign.state_dict())
+    bad = copy.deepcopy(opt.state_dict())
+    key = next(k for k, v in bad["state"][0].items() if k != "step" and v.dim() > 0)
+    bad["state"][0][key] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match="shape"):
+        make(name, clone_params(params)).load_state_dict(bad)
+    fewer = make(name, clone_params(params)[:2])
+    with pytest.raises(ValueError):
+        fewer.load_state_dict(opt.state_dict())
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_params_keep_float32_state(name: str, dtype: torch.dtype) -> None:
+    """bf16/fp16 params: moments in float32, each step computed in float32 from the param and rounded back.
+
+    Reference: the float32 optimizer on float32 copies that are rounded to ``dtype`` after every step."""
+    low = make_params(dtype=dtype)
+    ref = [p.detach().float().requires_grad_() for p in low]
+    opt, ref_opt = make(name, low), make(name, ref)
+    for t in range(20):
+        set_grads(low, t)
+        for p, q in zip(low, ref):
+            q.grad = p.grad.float()
+        opt.step()
+        ref_opt.step()
+        with torch.no_grad():
+            for q in ref:
+                q.copy_(q.to(dtype).float())
+    for p, q in zip(low, ref):
+        assert p.dtype == dtype and torch.equal(p.float(), q)
+        for key, value in opt.state[p].items():
+            if key != "step" and value.dim() > 0:
+                assert value.dtype == torch.float32
+
+
+def test_state_dtype_can_be_chosen() -> None:
+    p = torch.zeros(4, dtype=torch.bfloat16, requires_grad=True)
+    p.grad = torch.ones_like(p)
+    opt = stochopt.Adam([p], state_dtype=torch.bfloat16)
+    opt.step()
+    assert opt.state[p]["exp_avg"].dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="state_dtype"):
+        stochopt.Adam([p], state_dtype="float32")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_declared_layout_is_the_state_that_exists(name: str) -> None:
+    """The layout the memory estimator reads equals the bytes of the state tensors after one step."""
+    params = make_params(dtype=torch.float32)
+    opt = make(name, params)
+    run(opt, params, 1)
+    for p in params:
+        layout = opt._layout(opt.param_groups[0])
+        actual = sum(v.numel() * v.element_size() for v in opt.state[p].values())
+        assert state_nbytes(layout, p, None) == actual
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_hooks_run(name: str) -> None:
+    params = make_params()
+    opt = make(name, params)
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: seen.append("post"))
+    opt.register_load_state_dict_post_hook(lambda o: seen.append("loaded"))
+    run(opt, params, 1)
+    opt.load_state_dict(opt.state_dict())
+    assert seen == ["pre", "post", "loaded"]
+
+
+SCHEDULERS = {
+    "StepLR": lambda o: torch.optim.lr_scheduler.StepLR(o, 3, 0.5),
+    "MultiStepLR": lambda o: torch.optim.lr_scheduler.MultiStepLR(o, [2, 5]),
+    "ExponentialLR": lambda o: torch.optim.lr_scheduler.ExponentialLR(o, 0.9),
+    "CosineAnnealingLR": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 10),
+    "CosineAnnealingWarmRestarts": lambda o: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(o, 4),
+    "CyclicLR": lambda o: torch.optim.lr_scheduler.CyclicLR(o, 1e-3, 1e-2, 3, cycle_momentum=False),
+    "OneCycleLR": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, 1e-2, total_steps=12),
+    "LambdaLR": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda t: 1 / (t + 1)),
+    "MultiplicativeLR": lambda o: torch.optim.lr_scheduler.MultiplicativeLR(o, lambda t: 0.95),
+    "ConstantLR": lambda o: torch.optim.lr_scheduler.ConstantLR(o, 0.5, 4),
+    "LinearLR": lambda o: torch.optim.lr_scheduler.LinearLR(o, 0.1, 1.0, 5),
+    "PolynomialLR": lambda o: torch.optim.lr_scheduler.PolynomialLR(o, 10, 2.0),
+    "SequentialLR": lambda o: torch.optim.lr_scheduler.SequentialLR(
+        o, [torch.optim.lr_scheduler.LinearLR(o, 0.1, 1.0, 3), torch.optim.lr_scheduler.ExponentialLR(o, 0.9)], [3]
+    ),
+    "ChainedScheduler": lambda o: torch.optim.lr_scheduler.ChainedScheduler(
+        [torch.optim.lr_scheduler.ConstantLR(o, 0.5, 4), torch.optim.lr_scheduler.ExponentialLR(o, 0.9)]
+    ),
+    "ReduceLROnPlateau": lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, patience=0, factor=0.5),
+}
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_every_torch_scheduler_drives_lr(scheduler: str) -> None:
+    """Adam under each scheduler equals torch.optim.Adam under the same scheduler."""
+    results = []
+    for cls in (stochopt.Adam, torch.optim.Adam):
+        params = make_params()
+        opt = cls(params, lr=1e-2)
+        sched = SCHEDULERS[scheduler](opt)
+        for t in range(12):
+            set_grads(params, t)
+            opt.step()
+            sched.step(1.0) if scheduler == "ReduceLROnPlateau" else sched.step()
+        results.append(params)
+    assert_same(*results)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_one_cycle_with_momentum_cycling(name: str) -> None:
+    """OneCycleLR cycles betas or momentum where the optimizer has them; every optimizer accepts it."""
+    params = make_params()
+    opt = make(name, params)
+    cycle = "betas" in opt.defaults or "momentum" in opt.defaults
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-2, total_steps=10, cycle_momentum=cycle)
+    lrs = []
+    for t in range(10):
+        set_grads(params, t)
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert max(lrs) > lrs[-1] and all(math.isfinite(p.sum().item()) for p in params)
+
+
+def test_grad_scaler_skips_overflowing_steps_and_unscales() -> None:
+    model = torch.nn.Linear(4, 2)
+    ref = copy.deepcopy(model)
+    opt, ref_opt = stochopt.AdamW(model.parameters(), lr=1e-2), torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x = torch.randn(8, 4)
+    for step in range(3):
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+        loss = model(x).pow(2).mean()
+        scaler.scale(loss).backward()
+        if step == 1:
+            model.weight.grad[0, 0] = math.inf
+        scaler.step(opt)
+        scaler.update()
+        if step != 1:  # the overflowing step is skipped; the others equal an unscaled step
+            ref(x).pow(2).mean().backward()
+            ref_opt.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q)
+    assert scaler.get_scale() < 1024.0
+
+
+def test_nonfinite_policies() -> None:
+    params = make_params()
+    before = [p.detach().clone() for p in params]
+    opt = stochopt.Adam(params, lr=0.1, nonfinite="skip")
+    set_grads(params, 0)
+    params[1].grad[0] = math.nan
+    opt.step()
+    assert opt.skipped_steps == 1 and all(torch.equal(p, b) for p, b in zip(params, before))
+    assert opt.state_dict()["skipped_steps"] == 1
+    set_grads(params, 1)
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in params) and not torch.equal(params[0], before[0])
+
+    raising = stochopt.SGD(params, lr=0.1, nonfinite="raise")
+    set_grads(params, 2)
+    params[2].grad[0] = math.inf
+    with pytest.raises(NonFiniteGradientError, match="gradient 2"):
+        raising.step()
+    assert issubclass(NonFiniteGradientError, ValueError)
+
+
+def test_fused_path_compiles_once_for_lr_changes_and_new_shapes() -> None:
+    from torch._dynamo.utils import counters
+
+    params = [torch.randn(300, 256, dtype=torch.float64, requires_grad=True)]
+    opt = stochopt.Adam(params, lr=1e-2, weight_decay=0.01, fused=True)
+    run(opt, params, 1)
+    graphs = counters["stats"]["unique_graphs"]
+    opt.add_param_group({"params": [torch.randn(400, 300, dtype=torch.float64, requires_grad=True)]})
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 / (1 + t))
+    for t in range(1, 20):
+        set_grads(opt.param_groups[0]["params"] + opt.param_groups[1]["params"], t)
+        opt.step()
+        sched.step()
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_registry_errors_name_the_problem() -> None:
+    with pytest.raises(ValueError, match="unknown optimizer 'adamm'.*adamw"):
+        stochopt.create_optimizer("adamm", make_params())
+    with pytest.raises(TypeError, match="Lion"):
+        stochopt.create_optimizer("lion", make_params(), eps=1e-8)
