@@ -399,3 +399,36 @@ def test_registry_errors_name_the_problem() -> None:
         stochopt.create_optimizer("adamm", make_params())
     with pytest.raises(TypeError, match="Lion"):
         stochopt.create_optimizer("lion", make_params(), eps=1e-8)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_bfloat16_params_in_every_path(path: str) -> None:
+    """The low-precision rule holds in the foreach and fused paths too (float32 math, rounded back)."""
+    low = [torch.randn(300, 256, dtype=torch.float64).bfloat16().requires_grad_(), *make_params(dtype=torch.bfloat16)]
+    ref = [p.detach().float().requires_grad_() for p in low]
+    opt, ref_opt = stochopt.Adam(low, lr=1e-2, **PATHS[path]), stochopt.Adam(ref, lr=1e-2, foreach=False)
+    for t in range(10):
+        set_grads(low, t)
+        for p, q in zip(low, ref):
+            q.grad = p.grad.float()
+        opt.step()
+        ref_opt.step()
+        with torch.no_grad():
+            for q in ref:
+                q.copy_(q.bfloat16().float())
+    for p, q in zip(low, ref):
+        torch.testing.assert_close(p.float(), q, rtol=0, atol=0) if path != "fused" else torch.testing.assert_close(
+            p.float(), q, rtol=2**-8, atol=1e-6
+        )
+
+
+def test_bfloat16_resume_keeps_float32_state() -> None:
+    """torch.optim's load_state_dict casts state to the param dtype; stochopt restores the float32 moments."""
+    params = make_params(dtype=torch.bfloat16)
+    opt = stochopt.Adam(params, lr=1e-2)
+    run(opt, params, 3)
+    again = stochopt.Adam(clone_params(params), lr=1e-2)
+    again.load_state_dict(opt.state_dict())
+    for p, q in zip(params, again.param_groups[0]["params"]):
+        assert torch.equal(opt.state[p]["exp_avg_sq"], again.state[q]["exp_avg_sq"])
+        assert again.state[q]["exp_avg_sq"].dtype == torch.float32

@@ -4,14 +4,14 @@ Every figure is reported beside baselines measured in the same run (torch.optim'
 implementations of the same algorithm, and pytorch_optimizer's when it is installed) and as a ratio to torch's
 fused AdamW, so results compare across machines. The fused path runs its timed steps with a scheduler that
 changes lr every step, and the report counts the graphs compiled meanwhile (0 is the target). Candidates of
-one algorithm are timed in interleaved rounds on the same parameters, and each figure is a median.
+one algorithm are timed in interleaved rounds on the same parameters, and each figure is the fastest step
+(as timeit reports: the machine's interference only ever adds time).
 """
 
 from __future__ import annotations
 
 import gc
 import importlib
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -192,7 +192,7 @@ def run_speed(
             for run in running:
                 _timed_steps(run, max(1, steps // rounds))
         for (_, lib, path, _), run in zip(group, running):
-            ms = statistics.median(run.times) * 1e3
+            ms = min(run.times) * 1e3
             graphs = run.recompiles if (lib, path) == ("stochopt", "fused") else None
             results.append(Measurement(name, lib, path, ms, n / (ms / 1e3), run.first_step_s, graphs))
         del running

@@ -25,7 +25,7 @@ from torch.optim import Optimizer
 
 from stochopt.engine import checks
 from stochopt.engine.fused import FUSED_MIN_NUMEL, fused_kernel
-from stochopt.engine.layout import STEP, StateSpec, new_state_tensor, state_dtype_for
+from stochopt.engine.layout import StateSpec, new_state_tensor, spec_dtype, state_dtype_for
 from stochopt.engine.tensorlist import TensorList
 
 NONFINITE_POLICIES = (None, "skip", "raise")
@@ -140,10 +140,10 @@ class EngineOptimizer(Optimizer):
             for spec in layout:
                 if spec.name == "step":
                     continue
-                want = new_state_tensor(spec, param, merged["state_dtype"]).dtype
-                if state[spec.name].dtype != want:
-                    device = param.device if spec.shape == "param" else torch.device("cpu")
-                    state[spec.name] = saved[spec.name].to(device=device, dtype=want, copy=True)
+                dtype = spec_dtype(spec, param, merged["state_dtype"])
+                device = param.device if spec.shape == "param" else torch.device("cpu")
+                if state[spec.name].dtype != dtype or state[spec.name].device != device:
+                    state[spec.name] = saved[spec.name].to(device=device, dtype=dtype, copy=True)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

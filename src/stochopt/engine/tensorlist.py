@@ -126,6 +126,10 @@ class TensorList:
         torch._foreach_neg_(self.tensors)
         return self
 
+    def reciprocal_(self) -> TensorList:
+        torch._foreach_reciprocal_(self.tensors)
+        return self
+
     def sign_(self) -> TensorList:
         torch._foreach_sign_(self.tensors)
         return self

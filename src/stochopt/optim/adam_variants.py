@@ -147,33 +147,30 @@ class RAdam(EngineOptimizer):
         return rho_inf, rho_inf - 2.0 * step * beta2**step / bias_correction(beta2, step)
 
     def _flags(self, group: dict[str, Any], step: int) -> dict[str, Any]:
-        _, rho_t = self._rho(scalar(group["betas"][1]), step)
-        return {
-            "decay": group["weight_decay"] != 0,
-            "decoupled": bool(group["decoupled_weight_decay"]),
-            "rectified": rho_t > 5.0,
-        }
+        return {"decay": group["weight_decay"] != 0, "decoupled": bool(group["decoupled_weight_decay"])}
 
     def _coefficients(self, group: dict[str, Any], step: int, states: list) -> dict[str, float]:
         c = adam_coefficients(group, step)
         beta2 = scalar(group["betas"][1])
         rho_inf, rho_t = self._rho(beta2, step)
-        rect = 0.0
+        # Both branches of the method are one expression, scale = a / (sqrt(v) + eps') + b, with (a, b) =
+        # (r_t sqrt(1 - beta2^t), 0) once rectified and (0, 1) before: the fused kernel compiles once, and
+        # eps' = 1 before rectification keeps a zero denominator from turning 0 * inf into NaN.
         if rho_t > 5.0:
             rect = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
-        c["rectified_step"] = c["neg_step_size"] * rect * c["bc2_sqrt"]
+            c.update(adaptive_weight=rect * c["bc2_sqrt"], sgd_weight=0.0)
+        else:
+            c.update(adaptive_weight=0.0, sgd_weight=1.0, eps=1.0)
         return c
 
     @staticmethod
-    def _update(p: Any, g: Any, state: dict, c: dict, *, decay: bool, decoupled: bool, rectified: bool) -> None:
+    def _update(p: Any, g: Any, state: dict, c: dict, *, decay: bool, decoupled: bool) -> None:
         g = weight_decay(p, g, c, decay=decay, decoupled=decoupled)
         m, v = state["exp_avg"], state["exp_avg_sq"]
         ema_(m, g, c["one_minus_beta1"])
         ema_square_(v, g, c["beta2"], c["one_minus_beta2"])
-        if rectified:
-            p.addcdiv_(m, v.sqrt().add_(c["eps"]), value=c["rectified_step"])
-        else:
-            p.add_(m, alpha=c["neg_step_size"])
+        scale = v.sqrt().add_(c["eps"]).reciprocal_().mul_(c["adaptive_weight"]).add_(c["sgd_weight"])
+        p.addcmul_(m, scale, value=c["neg_step_size"])
 
 
 class AdaBound(EngineOptimizer):
