@@ -9,7 +9,7 @@ Dynamo guards on dtype and device, so the compile cost is paid once per optimize
 Why one launch per tensor rather than one per list: a graph over a list of N tensors compiles N kernels and is
 specialized to N; measured on a 2-core CPU, compiling it for 49 tensors took ~70 s against ~8 s for the
 per-tensor kernel. The per-tensor launch costs ~100 microseconds of dispatch (dynamo's guards and inductor's wrapper), more than
-the kernel saves on a small tensor: tensors under ``FUSED_MIN_NUMEL`` elements take the foreach path instead,
+the kernel saves on a small tensor: tensors under ``SMALL_TENSOR_NUMEL`` elements take the foreach path instead,
 all together in one multi-tensor call.
 """
 
@@ -21,8 +21,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-
-FUSED_MIN_NUMEL = 1 << 16
 
 _KERNELS: dict[tuple[Any, ...], Callable[..., None]] = {}
 

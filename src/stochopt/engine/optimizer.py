@@ -1,12 +1,12 @@
 """The engine: one update function per algorithm, run as a per-tensor loop, as foreach, or as a fused kernel.
 
 An optimizer subclass declares
-- ``_layout(group)``: its state (``StateSpec`` tuple, ``STEP`` included);
+- ``_layout(group)``: its state (``StateSpec`` tuple; ``STEP`` where it counts steps);
 - ``_coefficients(group, step, states)``: every scalar the update needs at this step, as Python floats
   (bias corrections, step sizes); scalar state such as NAdam's running product advances here;
 - ``_flags(group, step)``: the static switches of the update (``amsgrad``, ``nesterov``), hashable;
 - ``_update(p, g, state, c, **flags)``: the elementwise math, written once against the Tensor API;
-- optionally ``_validate(group)`` and ``_sparse_update``.
+- optionally ``_validate(group)``, ``_sparse_update`` and ``_native_fused``.
 
 The engine owns the books: param groups, lazy state, buckets of tensors that share device, dtype and step,
 ``maximize``, low-precision parameters (math in the state dtype, written back), sparse gradients, the
@@ -16,6 +16,7 @@ non-finite-gradient policy and the state_dict checks.
 from __future__ import annotations
 
 from collections import defaultdict
+from functools import partial
 from collections.abc import Callable
 from typing import Any
 
@@ -24,11 +25,15 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from stochopt.engine import checks
-from stochopt.engine.fused import FUSED_MIN_NUMEL, fused_kernel
-from stochopt.engine.layout import StateSpec, new_state_tensor, spec_dtype, state_dtype_for
+from stochopt.engine.fused import fused_kernel
+from stochopt.engine.layout import STEP, StateSpec, new_state_tensor, spec_dtype, state_dtype_for
 from stochopt.engine.tensorlist import TensorList
 
 NONFINITE_POLICIES = (None, "skip", "raise")
+
+#: Below this many elements a tensor's per-tensor dispatch (eager, or ~100 us for a compiled kernel) costs more
+#: than its arithmetic: such tensors are updated together in one multi-tensor (foreach) call.
+SMALL_TENSOR_NUMEL = 1 << 16
 
 #: Keys every engine optimizer's param groups carry, with their defaults.
 ENGINE_DEFAULTS: dict[str, Any] = {
@@ -69,6 +74,9 @@ class EngineOptimizer(Optimizer):
     """Base class of stochopt's optimizers (see the module docstring for what a subclass declares)."""
 
     _sparse_update: Callable[..., None] | None = None
+    #: torch's own fused CPU kernel for the same algorithm, used by ``fused=True`` on the CPU where torch has
+    #: one (Adam, AdamW, SGD, Adagrad) and the state dtype is the parameter's; elsewhere the compiled kernel runs.
+    _native_fused: Callable[..., None] | None = None
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         defaults = {**ENGINE_DEFAULTS, **defaults}
@@ -135,8 +143,8 @@ class EngineOptimizer(Optimizer):
         # (float32 moments of bfloat16 params) from the saved tensors, so that resume is bit-exact.
         for param, (saved, layout, merged) in saved_by_param.items():
             state = self.state[param]
-            step = state.get("step", 1.0)  # torch.optim.SGD keeps no step: resume as already started
-            state["step"] = step if isinstance(step, Tensor) else torch.tensor(float(step))
+            if STEP in layout and not isinstance(state.get("step"), Tensor):  # old torch kept steps as numbers
+                state["step"] = torch.tensor(float(state.get("step", 1.0)))
             for spec in layout:
                 if spec.name == "step":
                     continue
@@ -155,9 +163,9 @@ class EngineOptimizer(Optimizer):
         work = [(group, *self._collect(group)) for group in self.param_groups]
         if self._nonfinite_found(work):
             return loss
-        for group, params, grads in work:
+        for group, params, grads, fresh in work:
             if params:
-                self._step_group(group, params, grads)
+                self._step_group(group, params, grads, fresh)
         return loss
 
     # ----- internals -----------------------------------------------------------------------------
@@ -170,8 +178,9 @@ class EngineOptimizer(Optimizer):
         if sd is not None and (not isinstance(sd, torch.dtype) or not sd.is_floating_point):
             raise TypeError(f"state_dtype must be a floating torch.dtype or None, got {sd!r}")
 
-    def _collect(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
-        params, grads = [], []
+    def _collect(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], set[int]]:
+        """Params with gradients, their gradients, and the ids of those whose state this step created."""
+        params, grads, fresh = [], [], set()
         for index, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
@@ -187,14 +196,15 @@ class EngineOptimizer(Optimizer):
                 )
             state = self.state[p]
             if not state:
+                fresh.add(id(p))
                 for spec in self._layout(group):
                     state[spec.name] = new_state_tensor(spec, p, group["state_dtype"])
             params.append(p)
             grads.append(p.grad)
-        return params, grads
+        return params, grads, fresh
 
-    def _nonfinite_found(self, work: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]) -> bool:
-        checked = [(group, params, grads) for group, params, grads in work if group["nonfinite"] and grads]
+    def _nonfinite_found(self, work: list[tuple[dict[str, Any], list[Tensor], list[Tensor], set[int]]]) -> bool:
+        checked = [(group, params, grads) for group, params, grads, _ in work if group["nonfinite"] and grads]
         if not checked:
             return False
         dense = [g.coalesce()._values() if g.is_sparse else g for _, _, grads in checked for g in grads]
@@ -210,36 +220,78 @@ class EngineOptimizer(Optimizer):
         self.skipped_steps += 1
         return True
 
-    def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+    def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], fresh: set[int]) -> None:
+        layout = self._layout(group)
+        counted = STEP in layout
+        names = [spec.name for spec in layout if spec.shape == "param"]
         buckets: dict[tuple[Any, ...], list[int]] = defaultdict(list)
         for i, p in enumerate(params):
-            sparse = grads[i].is_sparse
-            buckets[(p.device, p.dtype, int(self.state[p]["step"].item()), sparse)].append(i)
+            # A layout without STEP (torch's SGD keeps none) is told 1 on the update that created its state, else 2.
+            step = int(self.state[p]["step"].item()) if counted else (0 if id(p) in fresh else 1)
+            buckets[(p.device, p.dtype, step, grads[i].is_sparse)].append(i)
         for (device, dtype, step, sparse), indices in buckets.items():
             ps = [params[i] for i in indices]
             gs = [grads[i] for i in indices]
             states = [self.state[p] for p in ps]
-            torch._foreach_add_([s["step"] for s in states], 1.0)
-            c = self._coefficients(group, step + 1, states)
-            flags = self._flags(group, step + 1)
-            names = [s.name for s in self._layout(group) if s.shape == "param"]
+            if counted:
+                torch._foreach_add_([s["step"] for s in states], 1.0)
+            step += 1
+            c = self._coefficients(group, step, states)
+            flags = self._flags(group, step)
             compute_dtype = state_dtype_for(ps[0], group["state_dtype"])
+            eager = partial(self._run_eager, group, flags, names, compute_dtype, c)
             if sparse:
                 for p, g, s in zip(ps, gs, states):
                     g = -g if group["maximize"] else g
                     self._sparse_update(p, g, {n: s[n] for n in names}, c, **flags)
+            elif group["fused"] and self._native_fits(device, dtype, compute_dtype, states):
+                self._native_fused(group, ps, gs, states, flags, step)
             elif group["fused"]:
                 self._run_fused(group, flags, names, compute_dtype, ps, gs, states, c)
             elif group["foreach"] or (group["foreach"] is None and device.type != "cpu"):
-                tl_state = {n: TensorList(s[n] for s in states) for n in names}
-                apply_update(
-                    self._update, TensorList(ps), TensorList(gs), tl_state, c, flags, group["maximize"], compute_dtype
-                )
+                eager(ps, gs, states, multi_tensor=True)
+            elif group["foreach"] is None:
+                # The CPU default: small tensors in one multi-tensor call (per-tensor dispatch would dominate),
+                # large ones one by one (a multi-tensor call would hold every temporary at once, for no gain).
+                small = [i for i, p in enumerate(ps) if p.numel() < SMALL_TENSOR_NUMEL]
+                large = [i for i, p in enumerate(ps) if p.numel() >= SMALL_TENSOR_NUMEL]
+                for subset, multi in ((small, True), (large, False)):
+                    if subset:
+                        pick = lambda xs: [xs[i] for i in subset]  # noqa: E731
+                        eager(pick(ps), pick(gs), pick(states), multi_tensor=multi)
             else:
-                for p, g, s in zip(ps, gs, states):
-                    apply_update(
-                        self._update, p, g, {n: s[n] for n in names}, c, flags, group["maximize"], compute_dtype
-                    )
+                eager(ps, gs, states, multi_tensor=False)
+
+    def _run_eager(
+        self,
+        group: dict[str, Any],
+        flags: dict[str, Any],
+        names: list[str],
+        compute_dtype: torch.dtype,
+        c: dict[str, float],
+        ps: list[Tensor],
+        gs: list[Tensor],
+        states: list[dict[str, Tensor]],
+        *,
+        multi_tensor: bool,
+    ) -> None:
+        if multi_tensor:
+            tl_state = {n: TensorList(s[n] for s in states) for n in names}
+            apply_update(
+                self._update, TensorList(ps), TensorList(gs), tl_state, c, flags, group["maximize"], compute_dtype
+            )
+            return
+        for p, g, s in zip(ps, gs, states):
+            apply_update(self._update, p, g, {n: s[n] for n in names}, c, flags, group["maximize"], compute_dtype)
+
+    def _native_fits(self, device: torch.device, dtype: torch.dtype, compute_dtype: torch.dtype, states: list) -> bool:
+        # torch's fused kernels take float32 steps on the parameter's device and state of the parameter's dtype
+        return (
+            self._native_fused is not None
+            and device.type == "cpu"
+            and compute_dtype == dtype
+            and states[0].get("step", torch.empty((), dtype=torch.float32)).dtype == torch.float32
+        )
 
     def _run_fused(
         self,
@@ -259,16 +311,15 @@ class EngineOptimizer(Optimizer):
         for i, (p, g, s) in enumerate(zip(ps, gs, states)):
             tensors = [p, g, *(s[n] for n in names)]
             # Small tensors cost more in dispatch than the kernel saves, and strided ones cannot be flattened
-            # without a copy: those take the foreach path below, together.
-            if p.numel() < FUSED_MIN_NUMEL or not all(t.is_contiguous() for t in tensors):
+            # without a copy: those take the foreach path, together.
+            if p.numel() < SMALL_TENSOR_NUMEL or not all(t.is_contiguous() for t in tensors):
                 small.append(i)
                 continue
             flat = [t.view(-1).detach() for t in tensors]  # detach: a view's _base would add shape guards
             kernel(flat[0], flat[1], dict(zip(names, flat[2:])), coefs)
         if small:
-            tl_state = {n: TensorList(states[i][n] for i in small) for n in names}
-            tensors = TensorList(ps[i] for i in small), TensorList(gs[i] for i in small)
-            apply_update(self._update, *tensors, tl_state, c, flags, group["maximize"], compute_dtype)
+            pick = lambda xs: [xs[i] for i in small]  # noqa: E731
+            self._run_eager(group, flags, names, compute_dtype, c, pick(ps), pick(gs), pick(states), multi_tensor=True)
 
 
 def scalar(value: Any) -> float:

@@ -87,6 +87,17 @@ class Adam(EngineOptimizer):
         p.addcdiv_(m, denom, value=c["neg_step_size"])
 
 
+    def _native_fused(self, group: dict, ps: list, gs: list, states: list, flags: dict, step: int) -> None:
+        kernel = torch._fused_adamw_ if flags["decoupled"] else torch._fused_adam_
+        beta1, beta2 = (scalar(b) for b in group["betas"])
+        kernel(
+            ps, gs, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            [s["max_exp_avg_sq"] for s in states] if flags["amsgrad"] else [], [s["step"] for s in states],
+            lr=scalar(group["lr"]), beta1=beta1, beta2=beta2, weight_decay=scalar(group["weight_decay"]),
+            eps=scalar(group["eps"]), amsgrad=flags["amsgrad"], maximize=group["maximize"],
+        )  # fmt: skip
+
+
 class AdamW(Adam):
     r"""Adam with decoupled weight decay (Loshchilov & Hutter, 2019, "Decoupled Weight Decay Regularization").
 

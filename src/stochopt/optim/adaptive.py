@@ -74,6 +74,14 @@ class Adagrad(EngineOptimizer):
         p.addcdiv_(g, s.sqrt().add_(c["eps"]), value=c["neg_lr"])
 
 
+    def _native_fused(self, group: dict, ps: list, gs: list, states: list, flags: dict, step: int) -> None:
+        torch._fused_adagrad_(
+            ps, gs, [s["sum"] for s in states], [s["step"] for s in states], lr=scalar(group["lr"]),
+            lr_decay=scalar(group["lr_decay"]), weight_decay=scalar(group["weight_decay"]), eps=scalar(group["eps"]),
+            maximize=group["maximize"],
+        )  # fmt: skip
+
+
 class RMSprop(EngineOptimizer):
     r"""RMSprop (Tieleman & Hinton, 2012, Lecture 6.5 of "Neural Networks for Machine Learning"), with the
     centered form of Graves (2013) and momentum.

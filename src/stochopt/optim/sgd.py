@@ -62,7 +62,8 @@ class SGD(EngineOptimizer):
             )
 
     def _layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
-        return (STEP, StateSpec("momentum_buffer")) if group["momentum"] != 0 else (STEP,)
+        # no step count, as in torch.optim.SGD: its state_dict holds the momentum buffer alone
+        return (StateSpec("momentum_buffer"),) if group["momentum"] != 0 else ()
 
     def _flags(self, group: dict[str, Any], step: int) -> dict[str, Any]:
         return {
@@ -90,6 +91,15 @@ class SGD(EngineOptimizer):
             heavy_ball_(buf, g, c["momentum"], c["dampening_factor"])
             g = nesterov_direction(g, buf, c["momentum"]) if nesterov else buf
         p.add_(g, alpha=c["neg_lr"])
+
+
+    def _native_fused(self, group: dict, ps: list, gs: list, states: list, flags: dict, step: int) -> None:
+        buffers = [s["momentum_buffer"] for s in states] if flags["momentum"] else []
+        torch._fused_sgd_(
+            ps, gs, buffers, weight_decay=scalar(group["weight_decay"]), momentum=scalar(group["momentum"]),
+            lr=scalar(group["lr"]), dampening=scalar(group["dampening"]), nesterov=flags["nesterov"],
+            maximize=group["maximize"], is_first_step=step == 1,
+        )  # fmt: skip
 
 
 class QHM(EngineOptimizer):
