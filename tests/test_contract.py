@@ -173,7 +173,11 @@ def test_nesterov_needs_momentum() -> None:
         (lambda: [torch.ones(2, requires_grad=True) * 2], ValueError, "not a leaf"),
         (lambda: (lambda p: [p, p])(torch.ones(2, requires_grad=True)), ValueError, r"params\[1\] is the same"),
         (lambda: [torch.ones(2, dtype=torch.long)], TypeError, "floating-point"),
-        (lambda: (lambda p: [{"params": [p]}, {"params": [p]}])(torch.ones(2, requires_grad=True)), ValueError, "one group"),
+        (
+            lambda: (lambda p: [{"params": [p]}, {"params": [p]}])(torch.ones(2, requires_grad=True)),
+            ValueError,
+            "one group",
+        ),
     ],
     ids=["set", "empty", "tensor", "non-leaf", "duplicate", "integer", "two-groups"],
 )
@@ -219,16 +223,9 @@ def test_load_state_dict_checks_what_it_loads(name: str) -> None:
         fewer.load_state_dict(opt.state_dict())
 
 
-@pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_params_keep_float32_state(name: str, dtype: torch.dtype) -> None:
-    """bf16/fp16 params: moments in float32, each step computed in float32 from the param and rounded back.
-
-    Reference: the float32 optimizer on float32 copies that are rounded to ``dtype`` after every step."""
-    low = make_params(dtype=dtype)
-    ref = [p.detach().float().requires_grad_() for p in low]
-    opt, ref_opt = make(name, low), make(name, ref)
-    for t in range(20):
+def _run_rounded(opt, ref_opt, low: list, ref: list, dtype: torch.dtype, steps: int) -> None:
+    """Step ``opt`` on low-precision params and ``ref_opt`` on float32 copies rounded to ``dtype`` each step."""
+    for t in range(steps):
         set_grads(low, t)
         for p, q in zip(low, ref):
             q.grad = p.grad.float()
@@ -237,6 +234,18 @@ def test_low_precision_params_keep_float32_state(name: str, dtype: torch.dtype) 
         with torch.no_grad():
             for q in ref:
                 q.copy_(q.to(dtype).float())
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_params_keep_float32_state(name: str, dtype: torch.dtype) -> None:
+    """bf16/fp16 params: moments in float32, each step computed in float32 from the param and rounded back.
+
+    Reference: the float32 optimizer on float32 copies that are rounded to ``dtype`` after every step."""
+    low = make_params(dtype=dtype)
+    ref = [p.detach().float().requires_grad_() for p in low]
+    opt = make(name, low)
+    _run_rounded(opt, make(name, ref), low, ref, dtype, 20)
     for p, q in zip(low, ref):
         assert p.dtype == dtype and torch.equal(p.float(), q)
         for key, value in opt.state[p].items():
@@ -341,8 +350,8 @@ def test_grad_scaler_skips_overflowing_steps_and_unscales() -> None:
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     x = torch.randn(8, 4)
     for step in range(3):
-        for m, o in ((model, opt), (ref, ref_opt)):
-            o.zero_grad()
+        opt.zero_grad()
+        ref_opt.zero_grad()
         loss = model(x).pow(2).mean()
         scaler.scale(loss).backward()
         if step == 1:
@@ -407,15 +416,7 @@ def test_bfloat16_params_in_every_path(path: str) -> None:
     low = [torch.randn(300, 256, dtype=torch.float64).bfloat16().requires_grad_(), *make_params(dtype=torch.bfloat16)]
     ref = [p.detach().float().requires_grad_() for p in low]
     opt, ref_opt = stochopt.Adam(low, lr=1e-2, **PATHS[path]), stochopt.Adam(ref, lr=1e-2, foreach=False)
-    for t in range(10):
-        set_grads(low, t)
-        for p, q in zip(low, ref):
-            q.grad = p.grad.float()
-        opt.step()
-        ref_opt.step()
-        with torch.no_grad():
-            for q in ref:
-                q.copy_(q.bfloat16().float())
+    _run_rounded(opt, ref_opt, low, ref, torch.bfloat16, 10)
     for p, q in zip(low, ref):
         torch.testing.assert_close(p.float(), q, rtol=0, atol=0) if path != "fused" else torch.testing.assert_close(
             p.float(), q, rtol=2**-8, atol=1e-6
@@ -432,3 +433,16 @@ def test_bfloat16_resume_keeps_float32_state() -> None:
     for p, q in zip(params, again.param_groups[0]["params"]):
         assert torch.equal(opt.state[p]["exp_avg_sq"], again.state[q]["exp_avg_sq"])
         assert again.state[q]["exp_avg_sq"].dtype == torch.float32
+
+
+def test_skipped_step_creates_no_state() -> None:
+    params = make_params()
+    opt = stochopt.SGD(params, lr=0.1, momentum=0.9, dampening=0.5, nonfinite="skip")
+    ref = stochopt.SGD(clone_params(params), lr=0.1, momentum=0.9, dampening=0.5)
+    set_grads(params, 0)
+    params[0].grad[0, 0] = math.nan
+    opt.step()
+    assert not opt.state
+    run(opt, params, 5, start=1)
+    run(ref, ref.param_groups[0]["params"], 5, start=1)
+    assert_same(params, ref.param_groups[0]["params"], rtol=0, atol=0)

@@ -205,8 +205,8 @@ def run_speed(
 
 def format_table(results: list[Measurement], total_params: int) -> str:
     lines = [
-        f"one optimizer step on {total_params / 1e6:.1f}M float32 parameters in {len(model_like_shapes(total_params))} tensors, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}",
+        f"one optimizer step on {total_params / 1e6:.1f}M float32 parameters in "
+        f"{len(model_like_shapes(total_params))} tensors, {torch.get_num_threads()} threads, torch {torch.__version__}",
         f"{'optimizer':<10} {'library':<18} {'path':<8} {'ms/step':>9} {'Mparams/s':>10} {'vs torch':>9} "
         f"{'first step s':>13} {'recompiles':>10}",
     ]

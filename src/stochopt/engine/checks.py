@@ -6,7 +6,6 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from stochopt.engine.layout import StateSpec, spec_shape
@@ -58,7 +57,9 @@ def check_group_params(group: dict[str, Any], existing_groups: list[dict[str, An
         if not p.dtype.is_floating_point and not p.dtype.is_complex:
             raise TypeError(f"params[{index}] has dtype {p.dtype}; optimizers need floating-point parameters")
         if id(p) in seen:
-            raise ValueError(f"params[{index}] is the same tensor as params[{seen[id(p)]}]: each parameter may appear once")
+            raise ValueError(
+                f"params[{index}] is the same tensor as params[{seen[id(p)]}]: each parameter may appear once"
+            )
         seen[id(p)] = index
     for g_index, other in enumerate(existing_groups):
         for q in other["params"]:
@@ -76,7 +77,9 @@ def _fail(name: str, value: Any, requirement: str) -> None:
 def _number(name: str, value: Any) -> float:
     if isinstance(value, Tensor):
         if value.numel() != 1:
-            raise ValueError(f"{name} must be a number or a one-element tensor, got a tensor of shape {tuple(value.shape)}")
+            raise ValueError(
+                f"{name} must be a number or a one-element tensor, got a tensor of shape {tuple(value.shape)}"
+            )
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
@@ -133,11 +136,12 @@ def check_loaded_state(opt_name: str, layout: tuple[StateSpec, ...], index: Any,
         if not isinstance(value, Tensor):
             if spec.name == "step" and (value is None or isinstance(value, (int, float))):
                 continue  # torch.optim.SGD keeps no step; old torch versions kept it as a number
-            raise ValueError(f"state_dict: state '{spec.name}' of parameter {index} is {type(value).__name__}, not a tensor")
+            raise ValueError(
+                f"state_dict: state '{spec.name}' of parameter {index} is {type(value).__name__}, not a tensor"
+            )
         want = spec_shape(spec, param)
         if value.shape != want:
             raise ValueError(
                 f"state_dict: state '{spec.name}' of parameter {index} has shape {tuple(value.shape)}, but the "
                 f"parameter it loads into needs {tuple(want)} (param shape {tuple(param.shape)})"
             )
-

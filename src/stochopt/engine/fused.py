@@ -8,9 +8,9 @@ Dynamo guards on dtype and device, so the compile cost is paid once per optimize
 
 Why one launch per tensor rather than one per list: a graph over a list of N tensors compiles N kernels and is
 specialized to N; measured on a 2-core CPU, compiling it for 49 tensors took ~70 s against ~8 s for the
-per-tensor kernel. The per-tensor launch costs ~100 microseconds of dispatch (dynamo's guards and inductor's wrapper), more than
-the kernel saves on a small tensor: tensors under ``SMALL_TENSOR_NUMEL`` elements take the foreach path instead,
-all together in one multi-tensor call.
+per-tensor kernel. The per-tensor launch costs ~100 microseconds of dispatch (dynamo's guards and inductor's
+wrapper), more than the kernel saves on a small tensor: tensors under ``SMALL_TENSOR_NUMEL`` elements take the
+foreach path instead, all together in one multi-tensor call.
 """
 
 from __future__ import annotations

@@ -15,9 +15,10 @@ non-finite-gradient policy and the state_dict checks.
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from collections import defaultdict
-from functools import partial
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -59,7 +60,7 @@ def apply_update(
     maximize: bool,
     compute_dtype: torch.dtype,
 ) -> None:
-    """Run ``update`` on tensors or TensorLists; low-precision params are updated in ``compute_dtype`` and written back."""
+    """Run ``update`` on tensors or TensorLists; low-precision params are computed in ``compute_dtype``."""
     if maximize:
         g = -g
     if p.dtype == compute_dtype:
@@ -70,7 +71,7 @@ def apply_update(
     p.copy_(p_compute)
 
 
-class EngineOptimizer(Optimizer):
+class EngineOptimizer(Optimizer, metaclass=ABCMeta):
     """Base class of stochopt's optimizers (see the module docstring for what a subclass declares)."""
 
     _sparse_update: Callable[..., None] | None = None
@@ -84,18 +85,21 @@ class EngineOptimizer(Optimizer):
         super().__init__(checks.checked_params(params), defaults)
 
     # ----- what subclasses declare -------------------------------------------------------------
+    @abstractmethod
     def _layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
-        raise NotImplementedError(f"{type(self).__name__} must declare its state layout")
+        """The state kept per parameter under this group's options."""
 
+    @abstractmethod
     def _coefficients(self, group: dict[str, Any], step: int, states: list[dict[str, Tensor]]) -> dict[str, float]:
-        raise NotImplementedError(f"{type(self).__name__} must declare its coefficients")
+        """Every scalar the update needs at ``step``, as Python floats."""
 
     def _flags(self, group: dict[str, Any], step: int) -> dict[str, Any]:
         return {}
 
     @staticmethod
+    @abstractmethod
     def _update(p: Any, g: Any, state: dict[str, Any], c: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """The elementwise math, on tensors or TensorLists (see the module docstring)."""
 
     def _validate(self, group: dict[str, Any]) -> None:
         """Raise ValueError/TypeError naming the hyperparameter and its value."""
@@ -162,10 +166,10 @@ class EngineOptimizer(Optimizer):
                 loss = closure()
         work = [(group, *self._collect(group)) for group in self.param_groups]
         if self._nonfinite_found(work):
-            return loss
-        for group, params, grads, fresh in work:
+            return loss  # before any state is created: a skipped step leaves no trace but the count
+        for group, params, grads in work:
             if params:
-                self._step_group(group, params, grads, fresh)
+                self._step_group(group, params, grads, self._init_state(group, params))
         return loss
 
     # ----- internals -----------------------------------------------------------------------------
@@ -178,9 +182,9 @@ class EngineOptimizer(Optimizer):
         if sd is not None and (not isinstance(sd, torch.dtype) or not sd.is_floating_point):
             raise TypeError(f"state_dtype must be a floating torch.dtype or None, got {sd!r}")
 
-    def _collect(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], set[int]]:
-        """Params with gradients, their gradients, and the ids of those whose state this step created."""
-        params, grads, fresh = [], [], set()
+    def _collect(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
+        """The group's params that have gradients, and the gradients, checked."""
+        params, grads = [], []
         for index, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
@@ -194,17 +198,23 @@ class EngineOptimizer(Optimizer):
                     f"{type(self).__name__} got a complex parameter (param {index}, dtype {p.dtype}); "
                     "optimize torch.view_as_real(param) instead"
                 )
+            params.append(p)
+            grads.append(p.grad)
+        return params, grads
+
+    def _init_state(self, group: dict[str, Any], params: list[Tensor]) -> set[int]:
+        """Create the layout's state where a param has none; returns the ids of those params."""
+        fresh = set()
+        for p in params:
             state = self.state[p]
             if not state:
                 fresh.add(id(p))
                 for spec in self._layout(group):
                     state[spec.name] = new_state_tensor(spec, p, group["state_dtype"])
-            params.append(p)
-            grads.append(p.grad)
-        return params, grads, fresh
+        return fresh
 
-    def _nonfinite_found(self, work: list[tuple[dict[str, Any], list[Tensor], list[Tensor], set[int]]]) -> bool:
-        checked = [(group, params, grads) for group, params, grads, _ in work if group["nonfinite"] and grads]
+    def _nonfinite_found(self, work: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]) -> bool:
+        checked = [(group, params, grads) for group, params, grads in work if group["nonfinite"] and grads]
         if not checked:
             return False
         dense = [g.coalesce()._values() if g.is_sparse else g for _, _, grads in checked for g in grads]
@@ -257,8 +267,7 @@ class EngineOptimizer(Optimizer):
                 large = [i for i, p in enumerate(ps) if p.numel() >= SMALL_TENSOR_NUMEL]
                 for subset, multi in ((small, True), (large, False)):
                     if subset:
-                        pick = lambda xs: [xs[i] for i in subset]  # noqa: E731
-                        eager(pick(ps), pick(gs), pick(states), multi_tensor=multi)
+                        eager(*_pick((ps, gs, states), subset), multi_tensor=multi)
             else:
                 eager(ps, gs, states, multi_tensor=False)
 
@@ -318,11 +327,13 @@ class EngineOptimizer(Optimizer):
             flat = [t.view(-1).detach() for t in tensors]  # detach: a view's _base would add shape guards
             kernel(flat[0], flat[1], dict(zip(names, flat[2:])), coefs)
         if small:
-            pick = lambda xs: [xs[i] for i in small]  # noqa: E731
-            self._run_eager(group, flags, names, compute_dtype, c, pick(ps), pick(gs), pick(states), multi_tensor=True)
+            self._run_eager(group, flags, names, compute_dtype, c, *_pick((ps, gs, states), small), multi_tensor=True)
+
+
+def _pick(lists: tuple[list, ...], indices: list[int]) -> list[list]:
+    return [[xs[i] for i in indices] for xs in lists]
 
 
 def scalar(value: Any) -> float:
     """A hyperparameter as a Python float (torch.optim accepts 0-d tensors for lr and betas)."""
     return float(value.item()) if isinstance(value, Tensor) else float(value)
-

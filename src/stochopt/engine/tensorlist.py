@@ -176,4 +176,3 @@ class TensorList:
 
     def __rmul__(self, other: float) -> TensorList:
         return self.mul(other)
-

@@ -6,8 +6,7 @@ from typing import Any
 
 import torch
 
-from stochopt.engine import STEP, EngineOptimizer, StateSpec, scalar
-from stochopt.engine import checks
+from stochopt.engine import STEP, EngineOptimizer, StateSpec, checks, scalar
 from stochopt.optim.common import (
     adam_coefficients,
     check_adam_group,
@@ -85,7 +84,6 @@ class Adam(EngineOptimizer):
             v = running_max_(state["max_exp_avg_sq"], v)
         denom = v.sqrt().div_(c["bc2_sqrt"]).add_(c["eps"])
         p.addcdiv_(m, denom, value=c["neg_step_size"])
-
 
     def _native_fused(self, group: dict, ps: list, gs: list, states: list, flags: dict, step: int) -> None:
         kernel = torch._fused_adamw_ if flags["decoupled"] else torch._fused_adam_

@@ -7,8 +7,7 @@ from typing import Any
 
 import torch
 
-from stochopt.engine import STEP, EngineOptimizer, StateSpec, scalar
-from stochopt.engine import checks
+from stochopt.engine import STEP, EngineOptimizer, StateSpec, checks, scalar
 from stochopt.optim.adam import ADAM_MOMENTS
 from stochopt.optim.common import (
     adam_coefficients,

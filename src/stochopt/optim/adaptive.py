@@ -6,8 +6,7 @@ from typing import Any
 
 import torch
 
-from stochopt.engine import STEP, EngineOptimizer, StateSpec, scalar
-from stochopt.engine import checks
+from stochopt.engine import STEP, EngineOptimizer, StateSpec, checks, scalar
 from stochopt.optim.common import ema_, ema_square_, l2_penalty
 
 
@@ -72,7 +71,6 @@ class Adagrad(EngineOptimizer):
         s = state["sum"]
         s.addcmul_(g, g, value=1.0)
         p.addcdiv_(g, s.sqrt().add_(c["eps"]), value=c["neg_lr"])
-
 
     def _native_fused(self, group: dict, ps: list, gs: list, states: list, flags: dict, step: int) -> None:
         torch._fused_adagrad_(

@@ -6,8 +6,7 @@ from typing import Any
 
 import torch
 
-from stochopt.engine import STEP, EngineOptimizer, StateSpec, scalar
-from stochopt.engine import checks
+from stochopt.engine import STEP, EngineOptimizer, StateSpec, checks, scalar
 from stochopt.optim.common import decoupled_decay_, ema_
 
 

@@ -6,8 +6,7 @@ from typing import Any
 
 import torch
 
-from stochopt.engine import STEP, EngineOptimizer, StateSpec, scalar
-from stochopt.engine import checks
+from stochopt.engine import STEP, EngineOptimizer, StateSpec, checks, scalar
 from stochopt.optim.common import heavy_ball_, l2_penalty, nesterov_direction
 
 
@@ -91,7 +90,6 @@ class SGD(EngineOptimizer):
             heavy_ball_(buf, g, c["momentum"], c["dampening_factor"])
             g = nesterov_direction(g, buf, c["momentum"]) if nesterov else buf
         p.add_(g, alpha=c["neg_lr"])
-
 
     def _native_fused(self, group: dict, ps: list, gs: list, states: list, flags: dict, step: int) -> None:
         buffers = [s["momentum_buffer"] for s in states] if flags["momentum"] else []
