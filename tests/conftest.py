@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one thread per test worker: two workers with two OpenMP threads each on two cores spin against each other
+    torch.set_num_threads(1)
 
 # one tensor above the fused path's size threshold, so that the compiled kernel runs, and small ones below it
 SHAPES = [(300, 256), (7, 5), (11,), (3, 4, 2), (1,)]

@@ -32,7 +32,13 @@ CONTRACT_HP = {
     "adabound": dict(lr=0.01, betas=(0.9, 0.999), final_lr=0.1, gamma=1e-2, weight_decay=0.01),
     "lion": dict(lr=0.01, betas=(0.9, 0.99), weight_decay=0.1),
     "lazyadam": dict(lr=0.01),
+    "lamb": dict(lr=0.01, weight_decay=0.01, max_trust_ratio=10.0),
+    "lars": dict(lr=0.1, momentum=0.9, weight_decay=0.01, trust_coefficient=0.01),
+    "adafactor": dict(lr=0.05, weight_decay=0.01),
+    "ranger": dict(lr=0.01, weight_decay=0.01, k=3),
 }
+# Hyperparameters for which a negative value is valid (Adafactor's decay exponent of beta2).
+NEGATIVE_OK = {"beta2_decay"}
 
 
 def make(name: str, params, **extra) -> torch.optim.Optimizer:
@@ -147,7 +153,7 @@ def test_bad_hyperparameters_are_rejected_by_name(name: str) -> None:
     for hp in _numeric_hyperparameters(name):
         with pytest.raises(ValueError, match=hp):
             make(name, params, **{hp: math.nan})
-        if hp != "gamma":
+        if hp not in NEGATIVE_OK:
             with pytest.raises(ValueError, match=hp):
                 make(name, params, **{hp: -1.0})
     if "betas" in inspect.signature(stochopt.optimizer_entry(name).cls.__init__).parameters:

@@ -6,22 +6,30 @@ from stochopt.optim import (
     SGD,
     AdaBound,
     Adadelta,
+    Adafactor,
     Adagrad,
     Adam,
     AdamW,
+    Lamb,
+    Lars,
     LazyAdam,
     Lion,
+    Lookahead,
     NAdam,
     QHAdam,
     RAdam,
+    Ranger,
     RMSprop,
+    gradient_centralization,
 )
 from stochopt.registry import create_optimizer, list_optimizers, optimizer_entry, register
+from stochopt.training import EMA, SWA
 
 __version__ = "0.1.0"
 
 __all__ = [
     "QHM", "SGD", "AdaBound", "Adadelta", "Adagrad", "Adam", "AdamW", "LazyAdam", "Lion", "NAdam", "QHAdam",
-    "RAdam", "RMSprop", "EngineOptimizer", "NonFiniteGradientError", "create_optimizer", "list_optimizers",
+    "RAdam", "RMSprop", "Lamb", "Lars", "Adafactor", "Ranger", "Lookahead", "gradient_centralization",
+    "SWA", "EMA", "EngineOptimizer", "NonFiniteGradientError", "create_optimizer", "list_optimizers",
     "optimizer_entry", "register", "__version__",
 ]  # fmt: skip

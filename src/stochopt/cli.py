@@ -40,7 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_speed.add_argument("--optimizers", help="comma-separated names (default: all elementwise optimizers)")
     p_speed.add_argument("--params", type=int, default=30_000_000, help="total parameters (default 30M)")
     p_speed.add_argument("--steps", type=int, default=20, help="timed steps per measurement (default 20)")
-    p_speed.add_argument("--warmup", type=int, default=2, help="untimed steps after the first (default 2)")
+    p_speed.add_argument(
+        "--warmup",
+        type=int,
+        default=7,
+        help="untimed steps after the first (default 7, past kernels that switch on later: Ranger syncs every 6)",
+    )
     p_speed.add_argument("--json", metavar="PATH", help="also write the measurements as JSON")
     p_speed.set_defaults(func=_speed)
     return parser

@@ -78,5 +78,12 @@ for _name, _cls, _summary, _reference in [
      "Chen et al. 2023, arXiv:2302.06675"),
     ("lazyadam", optim.LazyAdam, "Adam that updates only the rows of a sparse gradient",
      "Kingma & Ba 2015; torch.optim.SparseAdam; TF Addons LazyAdam"),
+    ("lamb", optim.Lamb, "Adam direction scaled per tensor by the trust ratio ||p|| / ||u||",
+     "You et al. 2019, arXiv:1904.00962"),
+    ("lars", optim.Lars, "momentum SGD with a per-layer rate from ||p|| / ||g||", "You et al. 2017, arXiv:1708.03888"),
+    ("adafactor", optim.Adafactor, "factored second moment (O(n+m) state), relative steps, update clipping",
+     "Shazeer & Stern 2018, arXiv:1804.04235"),
+    ("ranger", optim.Ranger, "RAdam inside Lookahead on centralized gradients, one kernel",
+     "Wright 2019; Liu et al. 2020; Zhang et al. 2019; Yong et al. 2020"),
 ]:  # fmt: skip
     register(_name, _cls, _summary, _reference)

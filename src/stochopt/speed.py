@@ -37,15 +37,19 @@ SPEED_CONFIGS: dict[str, dict[str, Any]] = {
     "adabound": {"lr": 1e-3},
     "lion": {"lr": 1e-4, "weight_decay": 1e-2},
     "lazyadam": {"lr": 1e-3},
+    "lamb": {"lr": 1e-3, "weight_decay": 1e-2},
+    "lars": {"lr": 1e-1, "momentum": 0.9, "weight_decay": 1e-4},
+    "adafactor": {"lr": 1e-2},
+    "ranger": {"lr": 1e-3},
 }
 TORCH_CLASSES = {
     "sgd": "SGD", "adagrad": "Adagrad", "rmsprop": "RMSprop", "adadelta": "Adadelta", "adam": "Adam",
-    "adamw": "AdamW", "nadam": "NAdam", "radam": "RAdam",
+    "adamw": "AdamW", "nadam": "NAdam", "radam": "RAdam", "adafactor": "Adafactor",
 }  # fmt: skip
 TORCH_FUSED = {"sgd", "adagrad", "adam", "adamw"}
 PYTORCH_OPTIMIZER_CLASSES = {
     "qhm": "QHM", "qhadam": "QHAdam", "adabound": "AdaBound", "lion": "Lion", "radam": "RAdam", "nadam": "NAdam",
-    "adamw": "AdamW",
+    "adamw": "AdamW", "lamb": "Lamb", "lars": "LARS", "adafactor": "AdaFactor", "ranger": "Ranger",
 }  # fmt: skip
 PATHS = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}, "default": {}}
 
@@ -160,7 +164,7 @@ def run_speed(
     optimizers: list[str] | None = None,
     total_params: int = 30_000_000,
     steps: int = 20,
-    warmup: int = 2,
+    warmup: int = 7,
     rounds: int = 5,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[list[Measurement], int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -106,6 +107,15 @@ def in_unit_interval(name: str, value: Any, *, closed_right: bool = False) -> No
     ok = 0.0 <= v <= 1.0 if closed_right else 0.0 <= v < 1.0
     if not ok:
         _fail(name, value, "in [0, 1]" if closed_right else "in [0, 1)")
+
+
+def count(name: str, value: Any, minimum: int) -> int:
+    """An int >= ``minimum`` (bools refused), returned as int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
 
 
 def betas(value: Any, *, closed_right: bool = False) -> None:

@@ -12,8 +12,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-Shape = Literal["param", "scalar"]
+Shape = Literal["param", "scalar", "row", "col"]
 DType = Literal["state", "param", "scalar"]
+Applies = Literal["all", "matrix", "vector"]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -22,17 +23,25 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 class StateSpec:
     """One state tensor.
 
-    ``shape``: ``"param"`` (like the parameter) or ``"scalar"`` (0-d, kept on the CPU as torch.optim keeps its
-    scalar state). ``dtype``: ``"state"`` follows the optimizer's state dtype (float32 for float16/bfloat16
-    parameters unless ``state_dtype`` says otherwise), ``"param"`` the parameter's dtype, ``"scalar"`` torch.optim's
-    dtype for scalar state (float64 when the default dtype is float64, else float32).
-    ``init``: the value the tensor starts from.
+    ``shape``: ``"param"`` (like the parameter), ``"scalar"`` (0-d, kept on the CPU as torch.optim keeps its
+    scalar state), ``"row"``/``"col"`` (the parameter's shape with the last / second-to-last dimension reduced
+    to 1: factored statistics of a matrix). ``applies``: ``"matrix"`` for parameters of two or more dimensions
+    only, ``"vector"`` for the others only. ``dtype``: ``"state"`` follows the optimizer's state dtype (float32
+    for float16/bfloat16 parameters unless ``state_dtype`` says otherwise), ``"param"`` the parameter's dtype,
+    ``"scalar"`` torch.optim's dtype for scalar state (float64 when the default dtype is float64, else float32).
+    ``init``: the value the tensor starts from, or ``"param"`` for a copy of the parameter.
     """
 
     name: str
     shape: Shape = "param"
     dtype: DType = "state"
-    init: float = 0.0
+    init: float | Literal["param"] = 0.0
+    applies: Applies = "all"
+
+    def applies_to(self, param: Tensor) -> bool:
+        if self.applies == "all":
+            return True
+        return (param.dim() > 1) == (self.applies == "matrix")
 
 
 STEP = StateSpec("step", shape="scalar", dtype="scalar")
@@ -54,20 +63,36 @@ def spec_dtype(spec: StateSpec, param: Tensor, state_dtype: torch.dtype | None) 
 
 
 def spec_shape(spec: StateSpec, param: Tensor) -> torch.Size:
-    return torch.Size([]) if spec.shape == "scalar" else param.shape
+    if spec.shape == "scalar":
+        return torch.Size([])
+    shape = list(param.shape)
+    if spec.shape == "row":
+        shape[-1] = 1
+    elif spec.shape == "col":
+        shape[-2] = 1
+    return torch.Size(shape)
+
+
+def applicable(specs: tuple[StateSpec, ...], param: Tensor) -> tuple[StateSpec, ...]:
+    """The specs of ``specs`` that exist for ``param``."""
+    return tuple(spec for spec in specs if spec.applies_to(param))
 
 
 def new_state_tensor(spec: StateSpec, param: Tensor, state_dtype: torch.dtype | None) -> Tensor:
     dtype = spec_dtype(spec, param, state_dtype)
+    if spec.init == "param":
+        return param.detach().to(dtype, copy=True, memory_format=torch.preserve_format)
     if spec.shape == "scalar":
         return torch.tensor(spec.init, dtype=dtype)
-    return torch.full_like(param, spec.init, dtype=dtype, memory_format=torch.preserve_format)
+    if spec.shape == "param":
+        return torch.full_like(param, spec.init, dtype=dtype, memory_format=torch.preserve_format)
+    return torch.full(spec_shape(spec, param), spec.init, dtype=dtype, device=param.device)
 
 
 def state_nbytes(specs: tuple[StateSpec, ...], param: Tensor, state_dtype: torch.dtype | None) -> int:
     """Bytes of the state the layout creates for ``param`` (what the memory estimator adds up)."""
     total = 0
-    for spec in specs:
+    for spec in applicable(specs, param):
         itemsize = torch.empty((), dtype=spec_dtype(spec, param, state_dtype)).element_size()
         total += spec_shape(spec, param).numel() * itemsize
     return total

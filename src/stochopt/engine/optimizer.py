@@ -4,13 +4,14 @@ An optimizer subclass declares
 - ``_layout(group)``: its state (``StateSpec`` tuple; ``STEP`` where it counts steps);
 - ``_coefficients(group, step, states)``: every scalar the update needs at this step, as Python floats
   (bias corrections, step sizes); scalar state such as NAdam's running product advances here;
-- ``_flags(group, step)``: the static switches of the update (``amsgrad``, ``nesterov``), hashable;
+- ``_flags(group, step, matrix)``: the static switches of the update (``amsgrad``, ``nesterov``), hashable;
 - ``_update(p, g, state, c, **flags)``: the elementwise math, written once against the Tensor API;
 - optionally ``_validate(group)``, ``_sparse_update`` and ``_native_fused``.
 
 The engine owns the books: param groups, lazy state, buckets of tensors that share device, dtype and step,
-``maximize``, low-precision parameters (math in the state dtype, written back), sparse gradients, the
-non-finite-gradient policy and the state_dict checks.
+``maximize``, gradient centralization (the group option ``centralize_gradients``), low-precision parameters
+(math in the state dtype, written back), sparse gradients, the non-finite-gradient policy and the state_dict
+checks.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch.optim import Optimizer
 
 from stochopt.engine import checks
 from stochopt.engine.fused import fused_kernel
-from stochopt.engine.layout import STEP, StateSpec, new_state_tensor, spec_dtype, state_dtype_for
+from stochopt.engine.layout import STEP, StateSpec, applicable, new_state_tensor, spec_dtype, state_dtype_for
 from stochopt.engine.tensorlist import TensorList
 
 NONFINITE_POLICIES = (None, "skip", "raise")
@@ -43,7 +44,13 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "fused": None,
     "nonfinite": None,
     "state_dtype": None,
+    "centralize_gradients": False,
 }
+
+
+def centralize(g: Tensor) -> Tensor:
+    """Gradient centralization (Yong et al., 2020): subtract the mean over all dimensions but the first."""
+    return g - g.mean(dim=tuple(range(1, g.dim())), keepdim=True)
 
 
 class NonFiniteGradientError(FloatingPointError, ValueError):
@@ -78,6 +85,9 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
     #: torch's own fused CPU kernel for the same algorithm, used by ``fused=True`` on the CPU where torch has
     #: one (Adam, AdamW, SGD, Adagrad) and the state dtype is the parameter's; elsewhere the compiled kernel runs.
     _native_fused: Callable[..., None] | None = None
+    #: The fused kernel sees tensors flattened (elementwise math); False keeps their shapes (row/column
+    #: statistics), at the price of one compiled graph per number of dimensions.
+    _flatten: bool = True
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         defaults = {**ENGINE_DEFAULTS, **defaults}
@@ -93,7 +103,8 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
     def _coefficients(self, group: dict[str, Any], step: int, states: list[dict[str, Tensor]]) -> dict[str, float]:
         """Every scalar the update needs at ``step``, as Python floats."""
 
-    def _flags(self, group: dict[str, Any], step: int) -> dict[str, Any]:
+    def _flags(self, group: dict[str, Any], step: int, matrix: bool) -> dict[str, Any]:
+        """Static switches of the update for a bucket at ``step``; ``matrix``: its params have 2+ dimensions."""
         return {}
 
     @staticmethod
@@ -139,7 +150,7 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
             for index, param in zip(saved_group["params"], group["params"]):
                 saved = state_dict["state"].get(index)
                 if saved:
-                    checks.check_loaded_state(type(self).__name__, layout, index, param, saved)
+                    checks.check_loaded_state(type(self).__name__, applicable(layout, param), index, param, saved)
                     saved_by_param[param] = (saved, layout, merged)
         super().load_state_dict(state_dict)
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
@@ -149,11 +160,11 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
             state = self.state[param]
             if STEP in layout and not isinstance(state.get("step"), Tensor):  # old torch kept steps as numbers
                 state["step"] = torch.tensor(float(state.get("step", 1.0)))
-            for spec in layout:
+            for spec in applicable(layout, param):
                 if spec.name == "step":
                     continue
                 dtype = spec_dtype(spec, param, merged["state_dtype"])
-                device = param.device if spec.shape == "param" else torch.device("cpu")
+                device = param.device if spec.shape != "scalar" else torch.device("cpu")
                 if state[spec.name].dtype != dtype or state[spec.name].device != device:
                     state[spec.name] = saved[spec.name].to(device=device, dtype=dtype, copy=True)
 
@@ -178,6 +189,7 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
             raise ValueError("fused=True and foreach=True are exclusive: choose one execution path")
         if group["nonfinite"] not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {group['nonfinite']!r}")
+        checks.flag("centralize_gradients", group["centralize_gradients"])
         sd = group["state_dtype"]
         if sd is not None and (not isinstance(sd, torch.dtype) or not sd.is_floating_point):
             raise TypeError(f"state_dtype must be a floating torch.dtype or None, got {sd!r}")
@@ -209,7 +221,7 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
             state = self.state[p]
             if not state:
                 fresh.add(id(p))
-                for spec in self._layout(group):
+                for spec in applicable(self._layout(group), p):
                     state[spec.name] = new_state_tensor(spec, p, group["state_dtype"])
         return fresh
 
@@ -233,13 +245,13 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
     def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], fresh: set[int]) -> None:
         layout = self._layout(group)
         counted = STEP in layout
-        names = [spec.name for spec in layout if spec.shape == "param"]
         buckets: dict[tuple[Any, ...], list[int]] = defaultdict(list)
         for i, p in enumerate(params):
             # A layout without STEP (torch's SGD keeps none) is told 1 on the update that created its state, else 2.
             step = int(self.state[p]["step"].item()) if counted else (0 if id(p) in fresh else 1)
-            buckets[(p.device, p.dtype, step, grads[i].is_sparse)].append(i)
-        for (device, dtype, step, sparse), indices in buckets.items():
+            buckets[(p.device, p.dtype, step, grads[i].is_sparse, p.dim() > 1)].append(i)
+        for (device, dtype, step, sparse, matrix), indices in buckets.items():
+            names = [spec.name for spec in applicable(layout, params[indices[0]]) if spec.shape != "scalar"]
             ps = [params[i] for i in indices]
             gs = [grads[i] for i in indices]
             states = [self.state[p] for p in ps]
@@ -247,8 +259,10 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
                 torch._foreach_add_([s["step"] for s in states], 1.0)
             step += 1
             c = self._coefficients(group, step, states)
-            flags = self._flags(group, step)
+            flags = self._flags(group, step, matrix)
             compute_dtype = state_dtype_for(ps[0], group["state_dtype"])
+            if group["centralize_gradients"] and matrix and not sparse:
+                gs = [centralize(g.to(compute_dtype)) for g in gs]
             eager = partial(self._run_eager, group, flags, names, compute_dtype, c)
             if sparse:
                 for p, g, s in zip(ps, gs, states):
@@ -321,10 +335,11 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
             tensors = [p, g, *(s[n] for n in names)]
             # Small tensors cost more in dispatch than the kernel saves, and strided ones cannot be flattened
             # without a copy: those take the foreach path, together.
-            if p.numel() < SMALL_TENSOR_NUMEL or not all(t.is_contiguous() for t in tensors):
+            if p.numel() < SMALL_TENSOR_NUMEL or (self._flatten and not all(t.is_contiguous() for t in tensors)):
                 small.append(i)
                 continue
-            flat = [t.view(-1).detach() for t in tensors]  # detach: a view's _base would add shape guards
+            # detach: a view's _base would add shape guards
+            flat = [t.view(-1).detach() if self._flatten else t.detach() for t in tensors]
             kernel(flat[0], flat[1], dict(zip(names, flat[2:])), coefs)
         if small:
             self._run_eager(group, flags, names, compute_dtype, c, *_pick((ps, gs, states), small), multi_tensor=True)

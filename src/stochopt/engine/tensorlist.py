@@ -89,6 +89,24 @@ class TensorList:
     def lerp(self, end: TensorList, weight: float) -> TensorList:
         return TensorList(torch._foreach_lerp(self.tensors, end.tensors, weight))
 
+    # No foreach kernels exist for these; Adafactor's row and column statistics take them tensor by tensor.
+    def mean(self, dim: int, keepdim: bool = False) -> TensorList:
+        return TensorList(t.mean(dim=dim, keepdim=keepdim) for t in self.tensors)
+
+    def rsqrt(self) -> TensorList:
+        return TensorList(torch._foreach_rsqrt(self.tensors))
+
+    def rms(self) -> TensorList:
+        """Root mean square of each tensor, as 0-d tensors."""
+        return TensorList(n / t.numel() ** 0.5 for n, t in zip(torch._foreach_norm(self.tensors), self.tensors))
+
+    def __matmul__(self, other: TensorList) -> TensorList:
+        return TensorList(a @ b for a, b in zip(self.tensors, other.tensors))
+
+    def norm(self) -> TensorList:
+        """The L2 norm of each tensor, as 0-d tensors."""
+        return TensorList(torch._foreach_norm(self.tensors))
+
     def clone(self) -> TensorList:
         return TensorList(t.clone() for t in self.tensors)
 

@@ -1,13 +1,19 @@
 """stochopt's optimizers, one module per algorithm family."""
 
+from stochopt.optim.adafactor import Adafactor
 from stochopt.optim.adam import Adam, AdamW, QHAdam
 from stochopt.optim.adam_variants import AdaBound, NAdam, RAdam
 from stochopt.optim.adaptive import Adadelta, Adagrad, RMSprop
+from stochopt.optim.centralization import gradient_centralization
+from stochopt.optim.layerwise import Lamb, Lars
 from stochopt.optim.lazyadam import LazyAdam
 from stochopt.optim.lion import Lion
+from stochopt.optim.lookahead import Lookahead
+from stochopt.optim.ranger import Ranger
 from stochopt.optim.sgd import QHM, SGD
 
 __all__ = [
     "SGD", "QHM", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "QHAdam", "NAdam", "RAdam", "AdaBound",
-    "Lion", "LazyAdam",
+    "Lion", "LazyAdam", "Lamb", "Lars", "Adafactor", "Ranger", "Lookahead",
+    "gradient_centralization",
 ]  # fmt: skip

@@ -64,7 +64,7 @@ class Adam(EngineOptimizer):
     def _layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
         return ADAM_MOMENTS + ((StateSpec("max_exp_avg_sq"),) if group["amsgrad"] else ())
 
-    def _flags(self, group: dict[str, Any], step: int) -> dict[str, Any]:
+    def _flags(self, group: dict[str, Any], step: int, matrix: bool) -> dict[str, Any]:
         return {
             "decay": group["weight_decay"] != 0,
             "decoupled": bool(group["decoupled_weight_decay"]),
@@ -178,7 +178,7 @@ class QHAdam(EngineOptimizer):
     def _layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
         return ADAM_MOMENTS
 
-    def _flags(self, group: dict[str, Any], step: int) -> dict[str, Any]:
+    def _flags(self, group: dict[str, Any], step: int, matrix: bool) -> dict[str, Any]:
         return {"decay": group["weight_decay"] != 0, "decoupled": bool(group["decoupled_weight_decay"])}
 
     def _coefficients(self, group: dict[str, Any], step: int, states: list) -> dict[str, float]:

@@ -67,7 +67,7 @@ class NAdam(EngineOptimizer):
     def _layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
         return (STEP, StateSpec("mu_product", shape="scalar", dtype="scalar", init=1.0)) + ADAM_MOMENTS[1:]
 
-    def _flags(self, group: dict[str, Any], step: int) -> dict[str, Any]:
+    def _flags(self, group: dict[str, Any], step: int, matrix: bool) -> dict[str, Any]:
         return {"decay": group["weight_decay"] != 0, "decoupled": bool(group["decoupled_weight_decay"])}
 
     def _coefficients(self, group: dict[str, Any], step: int, states: list) -> dict[str, float]:
@@ -145,7 +145,7 @@ class RAdam(EngineOptimizer):
         rho_inf = 2.0 / (1.0 - beta2) - 1.0
         return rho_inf, rho_inf - 2.0 * step * beta2**step / bias_correction(beta2, step)
 
-    def _flags(self, group: dict[str, Any], step: int) -> dict[str, Any]:
+    def _flags(self, group: dict[str, Any], step: int, matrix: bool) -> dict[str, Any]:
         return {"decay": group["weight_decay"] != 0, "decoupled": bool(group["decoupled_weight_decay"])}
 
     def _coefficients(self, group: dict[str, Any], step: int, states: list) -> dict[str, float]:
@@ -224,7 +224,7 @@ class AdaBound(EngineOptimizer):
     def _layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
         return ADAM_MOMENTS + ((StateSpec("max_exp_avg_sq"),) if group["amsbound"] else ())
 
-    def _flags(self, group: dict[str, Any], step: int) -> dict[str, Any]:
+    def _flags(self, group: dict[str, Any], step: int, matrix: bool) -> dict[str, Any]:
         return {"decay": group["weight_decay"] != 0, "amsbound": bool(group["amsbound"])}
 
     def _coefficients(self, group: dict[str, Any], step: int, states: list) -> dict[str, float]:

@@ -57,7 +57,7 @@ class Adagrad(EngineOptimizer):
     def _layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
         return (STEP, StateSpec("sum", init=float(group["initial_accumulator_value"])))
 
-    def _flags(self, group: dict[str, Any], step: int) -> dict[str, Any]:
+    def _flags(self, group: dict[str, Any], step: int, matrix: bool) -> dict[str, Any]:
         return {"decay": group["weight_decay"] != 0}
 
     def _coefficients(self, group: dict[str, Any], step: int, states: list) -> dict[str, float]:
@@ -129,7 +129,7 @@ class RMSprop(EngineOptimizer):
             layout += (StateSpec("grad_avg"),)
         return layout
 
-    def _flags(self, group: dict[str, Any], step: int) -> dict[str, Any]:
+    def _flags(self, group: dict[str, Any], step: int, matrix: bool) -> dict[str, Any]:
         return {
             "decay": group["weight_decay"] != 0,
             "momentum": group["momentum"] > 0,
@@ -206,7 +206,7 @@ class Adadelta(EngineOptimizer):
     def _layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
         return (STEP, StateSpec("square_avg"), StateSpec("acc_delta"))
 
-    def _flags(self, group: dict[str, Any], step: int) -> dict[str, Any]:
+    def _flags(self, group: dict[str, Any], step: int, matrix: bool) -> dict[str, Any]:
         return {"decay": group["weight_decay"] != 0}
 
     def _coefficients(self, group: dict[str, Any], step: int, states: list) -> dict[str, float]:

@@ -105,3 +105,32 @@ def check_adam_group(group: dict[str, Any]) -> None:
     checks.betas(group["betas"])
     checks.nonnegative("eps", group["eps"])
     checks.nonnegative("weight_decay", group["weight_decay"])
+
+
+def _ratio(numerator: Any, denominator: Any, max_ratio: Any, guard: Any) -> torch.Tensor:
+    valid = (numerator > 0) & (denominator > 0)
+    if guard is not None:
+        valid = valid & (guard > 0)
+    ratio = torch.where(valid, numerator / denominator, torch.ones_like(numerator))
+    return ratio if max_ratio is None else ratio.clamp(max=max_ratio)
+
+
+def trust_ratio(numerator: Any, denominator: Any, max_ratio: Any = None, guard: Any = None) -> Any:
+    """Per-tensor ratio of two norms, 1 where either (or ``guard``) is zero, optionally clamped (LAMB, LARS).
+
+    Takes 0-d norm tensors, or TensorLists of them; returns the same kind."""
+    if isinstance(numerator, TensorList):
+        guards = guard.tensors if guard is not None else [None] * len(numerator)
+        pairs = zip(numerator.tensors, denominator.tensors, guards)
+        return TensorList(_ratio(a, b, max_ratio, c) for a, b, c in pairs)
+    return _ratio(numerator, denominator, max_ratio, guard)
+
+
+def norm(x: Any) -> Any:
+    """The L2 norm of a tensor (0-d), or of each tensor of a TensorList."""
+    return x.norm() if isinstance(x, TensorList) else torch.linalg.vector_norm(x)
+
+
+def rms(x: Any) -> Any:
+    """Root mean square of a tensor (0-d), or of each tensor of a TensorList."""
+    return x.rms() if isinstance(x, TensorList) else torch.linalg.vector_norm(x) / x.numel() ** 0.5

@@ -49,7 +49,7 @@ class Lion(EngineOptimizer):
     def _layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
         return (STEP, StateSpec("exp_avg"))
 
-    def _flags(self, group: dict[str, Any], step: int) -> dict[str, Any]:
+    def _flags(self, group: dict[str, Any], step: int, matrix: bool) -> dict[str, Any]:
         return {"decay": group["weight_decay"] != 0}
 
     def _coefficients(self, group: dict[str, Any], step: int, states: list) -> dict[str, float]:

@@ -64,7 +64,7 @@ class SGD(EngineOptimizer):
         # no step count, as in torch.optim.SGD: its state_dict holds the momentum buffer alone
         return (StateSpec("momentum_buffer"),) if group["momentum"] != 0 else ()
 
-    def _flags(self, group: dict[str, Any], step: int) -> dict[str, Any]:
+    def _flags(self, group: dict[str, Any], step: int, matrix: bool) -> dict[str, Any]:
         return {
             "momentum": group["momentum"] != 0,
             "nesterov": bool(group["nesterov"]),
@@ -141,7 +141,7 @@ class QHM(EngineOptimizer):
     def _layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
         return (STEP, StateSpec("momentum_buffer"))
 
-    def _flags(self, group: dict[str, Any], step: int) -> dict[str, Any]:
+    def _flags(self, group: dict[str, Any], step: int, matrix: bool) -> dict[str, Any]:
         return {"decay": group["weight_decay"] != 0}
 
     def _coefficients(self, group: dict[str, Any], step: int, states: list) -> dict[str, float]:

@@ -1,0 +1,128 @@
+"""Adafactor: Adam-like rates from a factored second moment, O(n + m) state for an n x m matrix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from stochopt.engine import STEP, EngineOptimizer, StateSpec, checks, scalar
+from stochopt.optim.common import ema_, rms
+
+
+class Adafactor(EngineOptimizer):
+    r"""Adafactor (Shazeer & Stern, 2018, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost").
+
+    For a parameter of two or more dimensions the second moment is factored over the last two dimensions:
+
+    .. math::
+        \hat\beta_{2,t} &= 1 - t^{c}, \qquad
+        \rho_t = \min(\eta, 1/\sqrt t), \qquad \alpha_t = \max(\epsilon_2, \mathrm{RMS}(\theta_{t-1}))\,\rho_t \\
+        R_t &= \hat\beta_{2,t} R_{t-1} + (1-\hat\beta_{2,t})\,\mathrm{mean}_\text{cols}(g_t^2), \qquad
+        C_t = \hat\beta_{2,t} C_{t-1} + (1-\hat\beta_{2,t})\,\mathrm{mean}_\text{rows}(g_t^2) \\
+        \hat V_t &= R_t C_t / \max(\mathrm{mean}(R_t), \epsilon_1) \quad
+            (\text{vectors: } \hat V_t = \hat\beta_{2,t} \hat V_{t-1} + (1-\hat\beta_{2,t}) g_t^2) \\
+        U_t &= g_t / \sqrt{\max(\hat V_t, \epsilon_1^2)}, \qquad \hat U_t = U_t / \max(1, \mathrm{RMS}(U_t)/d) \\
+        \theta_t &= (1 - \eta\lambda)\,\theta_{t-1} - \alpha_t \hat U_t
+            \quad (\text{with } \beta_1: m_t = \beta_1 m_{t-1} + (1-\beta_1)\hat U_t,\ \theta_t = \ldots - \alpha_t m_t)
+
+    :math:`c` = ``beta2_decay`` (-0.8), :math:`d` the update clipping threshold (1), ``eps = (eps1, eps2)``
+    with ``eps1=None`` meaning the dtype's machine epsilon. ``lr`` caps the relative step size
+    :math:`\rho_t`; ``lr=None`` is the paper's 1e-2. Without ``beta1`` (the default) and with these options
+    the method is ``torch.optim.Adafactor``'s, and the two agree. State: an n x m matrix keeps n + m numbers
+    (``row_var``, ``col_var``), a vector its own size (``variance``), plus a full-size ``exp_avg`` with beta1.
+    """
+
+    _flatten = False  # the row and column statistics need the parameter's shape
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | torch.Tensor | None = 1e-2,
+        beta2_decay: float = -0.8,
+        eps: tuple[float | None, float] = (None, 1e-3),
+        d: float = 1.0,
+        weight_decay: float = 0.0,
+        beta1: float | None = None,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        nonfinite: str | None = None,
+        state_dtype: torch.dtype | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=1e-2 if lr is None else lr, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay,
+            beta1=beta1,
+            maximize=maximize, foreach=foreach, fused=fused, nonfinite=nonfinite, state_dtype=state_dtype,
+        )  # fmt: skip
+        super().__init__(params, defaults)
+
+    def _validate(self, group: dict[str, Any]) -> None:
+        checks.nonnegative("lr", group["lr"])
+        if not -1.0 <= group["beta2_decay"] <= 0.0:
+            raise ValueError(f"beta2_decay must be in [-1, 0], got {group['beta2_decay']!r}")
+        eps = group["eps"]
+        if not isinstance(eps, (tuple, list)) or len(eps) != 2:
+            raise TypeError(f"eps must be a pair (eps1 or None, eps2), got {eps!r}")
+        if eps[0] is not None:
+            checks.nonnegative("eps[0]", eps[0])
+        checks.nonnegative("eps[1]", eps[1])
+        if not group["d"] >= 1.0:
+            raise ValueError(f"d (the update clipping threshold) must be >= 1, got {group['d']!r}")
+        checks.nonnegative("weight_decay", group["weight_decay"])
+        if group["beta1"] is not None:
+            checks.in_unit_interval("beta1", group["beta1"])
+
+    def _layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
+        layout = (
+            STEP,
+            StateSpec("row_var", shape="row", applies="matrix"),
+            StateSpec("col_var", shape="col", applies="matrix"),
+            StateSpec("variance", applies="vector"),
+        )
+        return layout + ((StateSpec("exp_avg"),) if group["beta1"] is not None else ())
+
+    def _flags(self, group: dict[str, Any], step: int, matrix: bool) -> dict[str, Any]:
+        return {"factored": matrix, "decay": group["weight_decay"] != 0, "momentum": group["beta1"] is not None}
+
+    def _coefficients(self, group: dict[str, Any], step: int, states: list) -> dict[str, float]:
+        lr = scalar(group["lr"])
+        eps1, eps2 = group["eps"]
+        if eps1 is None:  # the machine epsilon of the dtype the update is computed in
+            dtype = next(t.dtype for k, t in states[0].items() if k != "step")
+            eps1 = torch.finfo(dtype).eps
+        beta1 = scalar(group["beta1"]) if group["beta1"] is not None else 0.0
+        return {
+            "one_minus_beta2": float(step) ** scalar(group["beta2_decay"]),
+            "rho": min(lr, step**-0.5),
+            "eps1": float(eps1),
+            "eps1_sq": float(eps1) ** 2,
+            "eps2": scalar(eps2),
+            "inv_d": 1.0 / scalar(group["d"]),
+            "decay_factor": 1.0 - lr * scalar(group["weight_decay"]),
+            "one_minus_beta1": 1.0 - beta1,
+        }
+
+    @staticmethod
+    def _update(p: Any, g: Any, state: dict, c: dict, *, factored: bool, decay: bool, momentum: bool) -> None:
+        alpha = rms(p).clamp(min=c["eps2"]).mul(c["rho"])
+        if decay:
+            p.mul_(c["decay_factor"])
+        g_sq = g * g
+        if factored:
+            row, col = state["row_var"], state["col_var"]
+            ema_(row, g_sq.mean(dim=-1, keepdim=True), c["one_minus_beta2"])
+            ema_(col, g_sq.mean(dim=-2, keepdim=True), c["one_minus_beta2"])
+            variance = (row @ col).div_(row.mean(dim=-2, keepdim=True).clamp(min=c["eps1"]))
+        else:
+            ema_(state["variance"], g_sq, c["one_minus_beta2"])
+            variance = state["variance"].clone()
+        update = variance.clamp_(min=c["eps1_sq"]).rsqrt().mul_(g)
+        clip = rms(update).mul(c["inv_d"]).clamp(min=1.0)  # max(1, RMS(U) / d)
+        if momentum:
+            m = state["exp_avg"]
+            ema_(m, update.div_(clip), c["one_minus_beta1"])
+            p.sub_(m.mul(alpha))
+        else:
+            p.sub_(update.mul(alpha.div(clip)))

@@ -1,0 +1,89 @@
+"""Adafactor against torch.optim.Adafactor, against a reference loop with the first moment, and its memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import stochopt
+from tests.conftest import assert_same, clone_params, make_params, run
+from tests.optim.test_references import reference_run
+
+# conv-like 4-D weights are factored over their last two dimensions
+SHAPES = [(300, 256), (7, 5), (11,), (3, 4, 2, 2), (1,)]
+
+
+@pytest.mark.parametrize("hp", [dict(lr=0.01), dict(lr=0.05, weight_decay=0.1, d=2.0, eps=(1e-20, 1e-3))])
+def test_matches_torch_adafactor(hp: dict, path: dict) -> None:
+    ours = make_params(SHAPES)
+    ref = clone_params(ours)
+    opt = stochopt.Adafactor(ours, **hp, **path)
+    decay = lambda t: 0.99**t  # noqa: E731
+    run(opt, ours, 200, scheduler=torch.optim.lr_scheduler.LambdaLR(opt, decay))
+    ref_opt = torch.optim.Adafactor(ref, **hp)
+    run(ref_opt, ref, 200, scheduler=torch.optim.lr_scheduler.LambdaLR(ref_opt, decay))
+    assert_same(ours, ref, rtol=1e-10, atol=1e-12)
+
+
+def adafactor_ref(lr, c, eps1, eps2, d, wd, beta1):
+    """The paper's Algorithms 4-5 with torch's epsilon placement and a first moment on the clipped update."""
+
+    def update(t, p, g, st):
+        rho = min(lr, t**-0.5)
+        alpha = max(eps2, (p.norm() / p.numel() ** 0.5).item()) * rho
+        p.mul_(1 - lr * wd)
+        w = t**c  # 1 - beta2_t
+        if p.dim() > 1:
+            st["R"] = (1 - w) * st.get("R", torch.zeros(p.shape[:-1] + (1,), dtype=p.dtype)) + w * (g * g).mean(
+                -1, keepdim=True
+            )
+            col_shape = p.shape[:-2] + (1, p.shape[-1])
+            st["C"] = (1 - w) * st.get("C", torch.zeros(col_shape, dtype=p.dtype)) + w * (g * g).mean(-2, keepdim=True)
+            v = st["R"] @ st["C"] / torch.clamp(st["R"].mean(-2, keepdim=True), min=eps1)
+        else:
+            st["V"] = (1 - w) * st.get("V", torch.zeros_like(p)) + w * g * g
+            v = st["V"]
+        u = g / torch.sqrt(torch.clamp(v, min=eps1 * eps1))
+        u_hat = u / max(1.0, (u.norm() / u.numel() ** 0.5).item() / d)
+        st["m"] = beta1 * st.get("m", torch.zeros_like(p)) + (1 - beta1) * u_hat
+        p -= alpha * st["m"]
+
+    return update
+
+
+def test_first_moment_matches_reference_loop(path: dict) -> None:
+    ours = make_params(SHAPES)
+    ref = clone_params(ours)
+    hp = dict(lr=0.02, beta2_decay=-0.7, eps=(1e-30, 1e-3), d=1.0, weight_decay=0.01, beta1=0.9)
+    run(stochopt.Adafactor(ours, **hp, **path), ours, 200)
+    reference_run(ref, 200, adafactor_ref(0.02, -0.7, 1e-30, 1e-3, 1.0, 0.01, 0.9))
+    assert_same(ours, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_state_of_a_4096_square_matrix_is_under_one_percent_of_adams() -> None:
+    sizes = {}
+    for cls in (stochopt.Adafactor, stochopt.Adam):
+        w = torch.zeros(4096, 4096, requires_grad=True)
+        w.grad = torch.ones_like(w)
+        opt = cls([w])
+        opt.step()
+        sizes[cls.__name__] = sum(t.numel() * t.element_size() for t in opt.state[w].values())
+        del opt, w
+    assert sizes["Adafactor"] <= 0.01 * sizes["Adam"], sizes
+    assert sizes["Adafactor"] == (4096 + 4096) * 4 + 4  # row and column statistics, and the step
+
+
+def test_lr_none_is_the_papers_relative_step() -> None:
+    a, b = make_params(), make_params()
+    run(stochopt.Adafactor(a, lr=None), a, 20)
+    run(stochopt.Adafactor(b, lr=1e-2), b, 20)
+    assert_same(a, b, rtol=0, atol=0)
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="beta2_decay"):
+        stochopt.Adafactor(make_params(), beta2_decay=0.5)
+    with pytest.raises(TypeError, match="eps"):
+        stochopt.Adafactor(make_params(), eps=1e-3)
+    with pytest.raises(ValueError, match="beta1"):
+        stochopt.Adafactor(make_params(), beta1=1.0)
