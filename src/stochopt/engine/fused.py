@@ -25,20 +25,35 @@ from torch import Tensor
 _KERNELS: dict[tuple[Any, ...], Callable[..., None]] = {}
 
 
+#: inductor options for elementwise kernels. dynamic_threads: otherwise the C++ kernel's OpenMP decision is fixed
+#: by the size of the first tensor it sees, and a kernel first compiled for a small tensor runs single-threaded on
+#: every matrix after it (measured: 12.6 against 8.3 ms on 8M elements).
+ELEMENTWISE_OPTIONS: dict[str, Any] = {"cpp.dynamic_threads": True}
+
+
 def fused_kernel(
-    update: Callable[..., None], flags: dict[str, Any], coef_names: tuple[str, ...], maximize: bool
+    update: Callable[..., None],
+    flags: dict[str, Any],
+    coef_names: tuple[str, ...],
+    maximize: bool,
+    options: dict[str, Any] | None = None,
 ) -> Callable[[Tensor, Tensor, dict[str, Tensor], Tensor], None]:
     """The compiled kernel ``kernel(p, g, state, coefs)`` for ``update`` with these static options."""
-    key = (update, tuple(sorted(flags.items())), coef_names, maximize)
+    options = ELEMENTWISE_OPTIONS if options is None else options
+    key = (update, tuple(sorted(flags.items())), coef_names, maximize, tuple(sorted(options.items())))
     kernel = _KERNELS.get(key)
     if kernel is None:
-        kernel = _compile(update, dict(flags), coef_names, maximize)
+        kernel = _compile(update, dict(flags), coef_names, maximize, options)
         _KERNELS[key] = kernel
     return kernel
 
 
 def _compile(
-    update: Callable[..., None], flags: dict[str, Any], coef_names: tuple[str, ...], maximize: bool
+    update: Callable[..., None],
+    flags: dict[str, Any],
+    coef_names: tuple[str, ...],
+    maximize: bool,
+    options: dict[str, Any],
 ) -> Callable[..., None]:
     from stochopt.engine.optimizer import apply_update
 
@@ -51,9 +66,7 @@ def _compile(
     name = f"fused_{getattr(update, '__qualname__', 'update').replace('.', '_')}"
     code = kernel.__code__.replace(co_name=name)
     fresh = types.FunctionType(code, kernel.__globals__, name, kernel.__defaults__, kernel.__closure__)
-    # dynamic_threads: otherwise the C++ kernel's OpenMP decision is fixed by the size of the first tensor it
-    # sees, and a kernel first compiled for a bias vector runs single-threaded on every matrix after it.
-    return torch.compile(fresh, dynamic=True, fullgraph=True, options={"cpp.dynamic_threads": True})
+    return torch.compile(fresh, dynamic=True, fullgraph=True, options=options)
 
 
 def compiled_kernel_count() -> int:

@@ -88,6 +88,8 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
     #: The fused kernel sees tensors flattened (elementwise math); False keeps their shapes (row/column
     #: statistics), at the price of one compiled graph per number of dimensions.
     _flatten: bool = True
+    #: inductor options of the fused kernel; None: the elementwise defaults (see engine.fused)
+    _compile_options: dict[str, Any] | None = None
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         defaults = {**ENGINE_DEFAULTS, **defaults}
@@ -328,7 +330,7 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
         c: dict[str, float],
     ) -> None:
         coef_names = tuple(c)
-        kernel = fused_kernel(type(self)._update, flags, coef_names, group["maximize"])
+        kernel = fused_kernel(type(self)._update, flags, coef_names, group["maximize"], self._compile_options)
         coefs = torch.tensor([c[k] for k in coef_names], dtype=compute_dtype, device=ps[0].device)
         small = []
         for i, (p, g, s) in enumerate(zip(ps, gs, states)):
