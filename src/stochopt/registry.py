@@ -16,18 +16,17 @@ class OptimizerEntry:
     cls: type[Optimizer]
     summary: str
     reference: str
-    elementwise: bool = True  # its math is elementwise, so its fused path is one kernel per tensor
 
 
 _REGISTRY: dict[str, OptimizerEntry] = {}
 
 
-def register(name: str, cls: type[Optimizer], summary: str, reference: str, *, elementwise: bool = True) -> None:
+def register(name: str, cls: type[Optimizer], summary: str, reference: str) -> None:
     """Add an optimizer under ``name`` (lower case); later issues' optimizers register here too."""
     key = name.lower()
     if key in _REGISTRY:
         raise ValueError(f"an optimizer named {name!r} is already registered ({_REGISTRY[key].cls.__qualname__})")
-    _REGISTRY[key] = OptimizerEntry(key, cls, summary, reference, elementwise)
+    _REGISTRY[key] = OptimizerEntry(key, cls, summary, reference)
 
 
 def list_optimizers() -> list[str]:

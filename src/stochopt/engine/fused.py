@@ -67,8 +67,3 @@ def _compile(
     code = kernel.__code__.replace(co_name=name)
     fresh = types.FunctionType(code, kernel.__globals__, name, kernel.__defaults__, kernel.__closure__)
     return torch.compile(fresh, dynamic=True, fullgraph=True, options=options)
-
-
-def compiled_kernel_count() -> int:
-    """How many distinct fused kernels this process has built (for tests and the speed report)."""
-    return len(_KERNELS)

@@ -30,9 +30,6 @@ class TensorList:
     def __len__(self) -> int:
         return len(self.tensors)
 
-    def __getitem__(self, i: int) -> Tensor:
-        return self.tensors[i]
-
     @property
     def dtype(self) -> torch.dtype:
         return self.tensors[0].dtype
@@ -57,39 +54,23 @@ class TensorList:
     def sqrt(self) -> TensorList:
         return TensorList(torch._foreach_sqrt(self.tensors))
 
-    def abs(self) -> TensorList:
-        return TensorList(torch._foreach_abs(self.tensors))
-
-    def sign(self) -> TensorList:
-        return TensorList(torch._foreach_sign(self.tensors))
-
     def neg(self) -> TensorList:
         return TensorList(torch._foreach_neg(self.tensors))
 
     def reciprocal(self) -> TensorList:
         return TensorList(torch._foreach_reciprocal(self.tensors))
 
-    def maximum(self, other: TensorList) -> TensorList:
-        return TensorList(torch._foreach_maximum(self.tensors, other.tensors))
-
     def clamp(self, min: float | None = None, max: float | None = None) -> TensorList:  # noqa: A002
-        out = self.tensors
-        if min is not None:
-            out = torch._foreach_clamp_min(out, min)
-        if max is not None:
-            out = torch._foreach_clamp_max(out, max)
-        return TensorList(out if out is not self.tensors else torch._foreach_mul(out, 1.0))
+        return self.clone().clamp_(min, max)
 
     def addcmul(self, t1: TensorList, t2: TensorList, *, value: float = 1) -> TensorList:
         return TensorList(torch._foreach_addcmul(self.tensors, t1.tensors, t2.tensors, value=value))
-
-    def addcdiv(self, t1: TensorList, t2: TensorList, *, value: float = 1) -> TensorList:
-        return TensorList(torch._foreach_addcdiv(self.tensors, t1.tensors, t2.tensors, value=value))
 
     def lerp(self, end: TensorList, weight: float) -> TensorList:
         return TensorList(torch._foreach_lerp(self.tensors, end.tensors, weight))
 
     # No foreach kernels exist for these; Adafactor's row and column statistics take them tensor by tensor.
+
     def mean(self, dim: int, keepdim: bool = False) -> TensorList:
         return TensorList(t.mean(dim=dim, keepdim=keepdim) for t in self.tensors)
 
@@ -140,10 +121,6 @@ class TensorList:
         torch._foreach_sqrt_(self.tensors)
         return self
 
-    def neg_(self) -> TensorList:
-        torch._foreach_neg_(self.tensors)
-        return self
-
     def reciprocal_(self) -> TensorList:
         torch._foreach_reciprocal_(self.tensors)
         return self
@@ -177,10 +154,6 @@ class TensorList:
 
     def copy_(self, src: TensorList) -> TensorList:
         torch._foreach_copy_(self.tensors, src.tensors)
-        return self
-
-    def zero_(self) -> TensorList:
-        torch._foreach_zero_(self.tensors)
         return self
 
     __add__ = add

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from stochopt.engine.tensorlist import TensorList
+from stochopt.engine import TensorList, checks, scalar
 
 
 def bias_correction(beta: float, step: int) -> float:
@@ -78,8 +78,6 @@ def nesterov_direction(g: Any, buf: Any, momentum: Any) -> Any:
 
 def adam_coefficients(group: dict[str, Any], step: int) -> dict[str, float]:
     """The scalars of the Adam family at ``step``: EMA weights, bias corrections and decay factors."""
-    from stochopt.engine.optimizer import scalar
-
     lr = scalar(group["lr"])
     beta1, beta2 = (scalar(b) for b in group["betas"])
     wd = scalar(group["weight_decay"])
@@ -99,8 +97,6 @@ def adam_coefficients(group: dict[str, Any], step: int) -> dict[str, float]:
 
 def check_adam_group(group: dict[str, Any]) -> None:
     """Validation shared by the Adam family: lr, betas, eps, weight_decay."""
-    from stochopt.engine import checks
-
     checks.nonnegative("lr", group["lr"])
     checks.betas(group["betas"])
     checks.nonnegative("eps", group["eps"])
