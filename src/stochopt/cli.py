@@ -31,6 +31,25 @@ def _speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _schedule(args: argparse.Namespace) -> int:
+    from stochopt.training.schedules import plot_schedules, schedule_curve
+
+    curves = {}
+    for name in args.names.split(","):
+        curves[name.strip()] = schedule_curve(
+            name.strip(), lr=args.lr, total_steps=args.steps, warmup_steps=args.warmup, decay_steps=args.decay_steps,
+            final_lr_ratio=args.final_lr_ratio, timescale=args.timescale,
+        )  # fmt: skip
+    marks = sorted({0, args.warmup, args.steps // 4, args.steps // 2, 3 * args.steps // 4, args.steps - 1})
+    print("step    " + "".join(f"{name:>15}" for name in curves))
+    for t in marks:
+        print(f"{t:<8}" + "".join(f"{lrs[t]:>15.6g}" for lrs in curves.values()))
+    if args.png:
+        plot_schedules(curves, args.png)
+        print(f"wrote {args.png}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stochopt", description="stochastic optimizers for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -48,6 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_speed.add_argument("--json", metavar="PATH", help="also write the measurements as JSON")
     p_speed.set_defaults(func=_speed)
+
+    from stochopt.training.schedules import SCHEDULES
+
+    p_sched = sub.add_parser("schedule", help="a learning-rate schedule's values, and a plot of it")
+    p_sched.add_argument("names", help=f"comma-separated schedules to compare: {', '.join(SCHEDULES)}")
+    p_sched.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    p_sched.add_argument("--steps", type=int, default=1000, help="total steps (default 1000)")
+    p_sched.add_argument("--warmup", type=int, default=0, help="linear warmup steps (default 0)")
+    p_sched.add_argument("--decay-steps", type=int, help="wsd: length of the final decay (default steps/5)")
+    p_sched.add_argument("--final-lr-ratio", type=float, default=0.0, help="floor as a fraction of lr (default 0)")
+    p_sched.add_argument("--timescale", type=float, help="inverse-sqrt: tau (default: warmup, or 1)")
+    p_sched.add_argument("--png", metavar="PATH", help="write a plot of lr against step")
+    p_sched.set_defaults(func=_schedule)
     return parser
 
 

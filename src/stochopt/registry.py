@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
+from torch import nn
 from torch.optim import Optimizer
 
 from stochopt import optim
+from stochopt.training.param_groups import param_groups
 
 
 @dataclass(frozen=True)
@@ -42,8 +45,14 @@ def optimizer_entry(name: str) -> OptimizerEntry:
 
 
 def create_optimizer(name: str, params: Any, **hyperparameters: Any) -> Optimizer:
-    """``create_optimizer("adamw", model.parameters(), lr=3e-4)``: the registered class, built with these."""
+    """``create_optimizer("adamw", model.parameters(), lr=3e-4)``: the registered class, built with these.
+
+    ``params`` may be the model itself: then optimizers with a ``weight_decay`` get
+    :func:`stochopt.training.param_groups` (no decay for biases, norm weights and embeddings)."""
     entry = optimizer_entry(name)
+    if isinstance(params, nn.Module):
+        decays = "weight_decay" in inspect.signature(entry.cls).parameters
+        params = param_groups(params) if decays else params.parameters()
     try:
         return entry.cls(params, **hyperparameters)
     except TypeError as err:
