@@ -50,6 +50,62 @@ def _schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+def _memory(args: argparse.Namespace) -> int:
+    from stochopt.memory import GPT2, Transformer, compare, format_table, plot_memory
+
+    source: dict = {}
+    if args.transformer:
+        if args.transformer in GPT2:
+            spec = GPT2[args.transformer]
+            source["transformer"] = Transformer(spec.layers, spec.hidden, spec.heads, args.seq_len, spec.vocab,
+                                                args.micro_batch)  # fmt: skip
+        else:
+            layers, hidden, heads = (int(v) for v in args.transformer.split(","))
+            source["transformer"] = Transformer(layers, hidden, heads, args.seq_len, args.vocab, args.micro_batch)
+    elif args.module:
+        source["module"] = args.module
+        if args.input_shape:
+            import torch
+
+            source["example_input"] = torch.zeros(tuple(int(v) for v in args.input_shape.split(",")))
+    else:
+        source["num_params"] = int(float(args.params))
+    estimates = compare(
+        [name.strip() for name in args.optimizer.split(",")], precision=args.precision, devices=args.devices,
+        zero_stage=args.zero, checkpointing=args.checkpointing, flash_attention=args.flash_attention,
+        bucket_bytes=None if args.bucket_mb is None else int(args.bucket_mb * 2**20), **source,
+    )  # fmt: skip
+    print(format_table(estimates))
+    if args.png:
+        plot_memory(estimates, args.png)
+        print(f"wrote {args.png}")
+    return 0
+
+
+def _viz(args: argparse.Namespace) -> int:
+    from stochopt import viz
+
+    if args.figure == "momentum":
+        viz.plot_momentum_memory(args.png)
+    elif args.figure == "bias-correction":
+        viz.plot_bias_correction(args.png)
+    else:
+        function = viz.surface(args.function)
+        start = tuple(float(v) for v in args.start.split(",")) if args.start else None
+        paths = {spec.strip(): viz.run_path(function, spec, start, args.steps) for spec in args.optimizers.split(";")}
+        for label, points in paths.items():
+            x, y = points[-1].tolist()
+            print(
+                f"{label:<40} {len(points) - 1:5d} steps  end ({x:.4g}, {y:.4g})  f = {function(points[-1]).item():.4g}"
+            )
+        viz.plot_paths(function, paths, args.png, args.loss_png)
+        if args.gif:
+            viz.animate_paths(function, paths, args.gif)
+            print(f"wrote {args.gif}")
+    print(f"wrote {args.png}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stochopt", description="stochastic optimizers for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +136,41 @@ def build_parser() -> argparse.ArgumentParser:
     p_sched.add_argument("--timescale", type=float, help="inverse-sqrt: tau (default: warmup, or 1)")
     p_sched.add_argument("--png", metavar="PATH", help="write a plot of lr against step")
     p_sched.set_defaults(func=_schedule)
+
+    p_mem = sub.add_parser("memory", help="training memory per device: model states, activations, buffers")
+    what = p_mem.add_mutually_exclusive_group()
+    what.add_argument("--params", default="1.5e9", help="number of parameters (default 1.5e9, the seeds' GPT-2)")
+    what.add_argument("--transformer", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, or LAYERS,HIDDEN,HEADS")
+    what.add_argument("--module", help="an nn.Module by import path, package.module:Name")
+    p_mem.add_argument("--input-shape", help="with --module: example input shape, e.g. 8,3,32,32 (activations)")
+    p_mem.add_argument("--optimizer", default="adam", help="comma-separated: stochopt names or torch.optim.Name")
+    p_mem.add_argument("--precision", default="mixed", choices=["fp32", "mixed", "bf16"])
+    p_mem.add_argument("--devices", type=int, default=1)
+    p_mem.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3], help="ZeRO stage")
+    p_mem.add_argument("--seq-len", type=int, default=1024)
+    p_mem.add_argument("--micro-batch", type=int, default=1)
+    p_mem.add_argument("--vocab", type=int, default=50257)
+    p_mem.add_argument("--checkpointing", default="none", choices=["none", "selective", "full"])
+    p_mem.add_argument("--flash-attention", action="store_true")
+    p_mem.add_argument("--bucket-mb", type=float, help="all-reduce bucket (default: one fused fp32 buffer)")
+    p_mem.add_argument("--png", metavar="PATH", help="write a stacked bar chart")
+    p_mem.set_defaults(func=_memory)
+
+    from stochopt.viz.functions import FUNCTIONS
+
+    p_viz = sub.add_parser("viz", help="optimizer paths on 2-D functions; the seeds' small figures")
+    p_viz.add_argument("figure", nargs="?", default="paths", choices=["paths", "momentum", "bias-correction"])
+    p_viz.add_argument("--function", default="rosenbrock", help=f"one of {', '.join(FUNCTIONS)}")
+    p_viz.add_argument(
+        "--optimizers", default="sgd:lr=1e-3;sgd:lr=1e-3,momentum=0.9,nesterov=True;adam:lr=0.05",
+        help="';'-separated name:key=value,... (default: GD, Nesterov, Adam)",
+    )  # fmt: skip
+    p_viz.add_argument("--steps", type=int, default=300)
+    p_viz.add_argument("--start", help="x,y (default: the function's usual start)")
+    p_viz.add_argument("--png", default="viz.png", help="output PNG (default viz.png)")
+    p_viz.add_argument("--gif", help="also an animation")
+    p_viz.add_argument("--loss-png", help="also f - f* against steps")
+    p_viz.set_defaults(func=_viz)
     return parser
 
 

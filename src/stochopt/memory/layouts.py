@@ -1,0 +1,64 @@
+"""The state an optimizer keeps per parameter, as StateSpecs: read from a stochopt optimizer's own declared
+layout, or from a table of torch.optim's state (checked against measured state by the tests)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from stochopt.engine import STEP, EngineOptimizer, StateSpec
+from stochopt.registry import optimizer_entry
+
+Layout = tuple[StateSpec, ...]
+
+
+def _like(*names: str) -> Layout:
+    return tuple(StateSpec(name, dtype="param") for name in names)  # torch keeps state in the param's dtype
+
+
+_MU_PRODUCT = StateSpec("mu_product", shape="scalar", dtype="scalar")
+
+# torch.optim's per-parameter state under given hyperparameters ("step" is a 0-d float32 tensor, as STEP)
+TORCH_LAYOUTS: dict[str, Callable[[dict[str, Any]], Layout]] = {
+    "SGD": lambda hp: _like("momentum_buffer") if hp.get("momentum", 0) else (),
+    "Adam": lambda hp: (STEP, *_like("exp_avg", "exp_avg_sq"), *(_like("max_exp_avg_sq") if hp.get("amsgrad") else ())),
+    "AdamW": lambda hp: TORCH_LAYOUTS["Adam"](hp),
+    "Adagrad": lambda hp: (STEP, *_like("sum")),
+    "RMSprop": lambda hp: (
+        STEP, *_like("square_avg"), *(_like("momentum_buffer") if hp.get("momentum", 0) else ()),
+        *(_like("grad_avg") if hp.get("centered") else ()),
+    ),
+    "Adadelta": lambda hp: (STEP, *_like("square_avg", "acc_delta")),
+    "NAdam": lambda hp: (STEP, _MU_PRODUCT, *_like("exp_avg", "exp_avg_sq")),
+    "RAdam": lambda hp: (STEP, *_like("exp_avg", "exp_avg_sq")),
+    "Adamax": lambda hp: (STEP, *_like("exp_avg", "exp_inf")),
+    "Adafactor": lambda hp: (
+        STEP, StateSpec("row_var", shape="row", dtype="param", applies="matrix"),
+        StateSpec("col_var", shape="col", dtype="param", applies="matrix"),
+        StateSpec("variance", dtype="param", applies="vector"),
+    ),
+    "Muon": lambda hp: _like("momentum_buffer"),
+}  # fmt: skip
+
+
+def optimizer_layout(optimizer: str, **hyperparameters: Any) -> tuple[str, Layout, torch.dtype | None]:
+    """(display name, layout, state_dtype) of a registered stochopt optimizer (``"adam"``) or of torch.optim's
+    (``"torch.optim.Adam"`` or ``"torch:Adam"``) under ``hyperparameters``."""
+    for prefix in ("torch.optim.", "torch:"):
+        if optimizer.startswith(prefix):
+            name = optimizer[len(prefix) :]
+            if name not in TORCH_LAYOUTS:
+                raise ValueError(
+                    f"optimizer {optimizer!r}: the state of torch.optim.{name} is not in the table; known: "
+                    f"{', '.join(TORCH_LAYOUTS)}"
+                )
+            return f"torch.optim.{name}", TORCH_LAYOUTS[name](hyperparameters), None
+    entry = optimizer_entry(optimizer)
+    if not issubclass(entry.cls, EngineOptimizer):
+        raise ValueError(f"optimizer {optimizer!r} does not declare a state layout")
+    # a throwaway instance: the layout may depend on the options (amsgrad, momentum, beta1 ...)
+    probe = entry.cls([torch.zeros(2, 2, requires_grad=True)], **hyperparameters)
+    group = probe.param_groups[0]
+    return entry.name, tuple(probe._layout(group)), group.get("state_dtype")
