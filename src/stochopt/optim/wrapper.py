@@ -4,6 +4,7 @@ itself, and leaves subclasses only their own step and their own part of the stat
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from collections import OrderedDict
 from typing import Any
 
@@ -23,7 +24,7 @@ def _inner(name: str) -> property:
     )
 
 
-class OptimizerWrapper(Optimizer):
+class OptimizerWrapper(Optimizer, metaclass=ABCMeta):
     """Base of Lookahead and MasterWeights. Subclasses implement ``step``, ``_own_state`` (their entries of the
     state_dict beside ``"optimizer"``) and ``_load_own_state``, and list the entries in ``_STATE_KEYS``."""
 
@@ -69,12 +70,13 @@ class OptimizerWrapper(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.optimizer.add_param_group(param_group)
 
+    @abstractmethod
     def _own_state(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The wrapper's entries of the state_dict, beside ``"optimizer"``."""
 
+    @abstractmethod
     def _load_own_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """Check the subclass's entries and return the attributes to set once the inner state has loaded."""
-        raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state_dict under ``"optimizer"``, beside the wrapper's own entries."""

@@ -13,6 +13,7 @@ The factors are plain functions (:func:`warmup_decay_factor` ...) so that they c
 from __future__ import annotations
 
 import math
+from abc import ABCMeta, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
@@ -77,7 +78,7 @@ def _checked_ratio(final_lr_ratio: Any) -> float:
     return float(final_lr_ratio)
 
 
-class _FactorSchedule(LRScheduler):
+class _FactorSchedule(LRScheduler, metaclass=ABCMeta):
     """A closed form ``base_lr * factor(t) * multiplier(t)``; subclasses set their fields, then call this."""
 
     def __init__(self, optimizer: Optimizer, multiplier: Callable[[int], float] | None, last_epoch: int) -> None:
@@ -86,8 +87,9 @@ class _FactorSchedule(LRScheduler):
         self.multiplier = multiplier
         super().__init__(optimizer, last_epoch)
 
+    @abstractmethod
     def factor(self, step: int) -> float:
-        raise NotImplementedError
+        """The multiple of each group's base lr at ``step``."""
 
     def get_lr(self) -> list[float]:
         t = self.last_epoch
