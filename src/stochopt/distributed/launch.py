@@ -1,0 +1,151 @@
+"""Starting and stopping a process group: launch settings checked before anything waits on the network, N local
+processes spawned (or the ranks torchrun started), and failures of other ranks turned into one clear error.
+
+A rank that dies closes its sockets, so the others' next collective fails at once; a rank that stalls leaves the
+others waiting until ``timeout`` (gloo's per-operation timeout, set at ``init_process_group``). Either way every
+other rank raises :class:`DistributedError` within a bounded time instead of hanging."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+class DistributedError(RuntimeError):
+    """A distributed run failed: a rank died or stalled, or the process group could not form."""
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Where the ranks meet. ``timeout``: seconds any collective (and the start-up rendezvous) may wait."""
+
+    world_size: int
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    timeout: float = 60.0
+    backend: str = "gloo"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.world_size, int) or isinstance(self.world_size, bool) or self.world_size < 1:
+            raise ValueError(f"world_size must be a positive int, got {self.world_size!r}")
+        if not isinstance(self.master_port, int) or not 1 <= self.master_port <= 65535:
+            raise ValueError(f"master_port must be an int in [1, 65535], got {self.master_port!r}")
+        if not isinstance(self.timeout, (int, float)) or not self.timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {self.timeout!r}")
+        if self.backend not in ("gloo", "nccl"):
+            raise ValueError(f"backend must be 'gloo' or 'nccl', got {self.backend!r}")
+        try:
+            socket.getaddrinfo(self.master_addr, self.master_port)
+        except (socket.gaierror, UnicodeError) as err:
+            raise ValueError(f"master_addr {self.master_addr!r} does not resolve to an address ({err})") from None
+
+    @property
+    def init_method(self) -> str:
+        return f"tcp://{self.master_addr}:{self.master_port}"
+
+
+def torchrun_rank() -> tuple[int, LaunchConfig] | None:
+    """This process's rank and launch settings when torchrun (or another launcher setting RANK, WORLD_SIZE,
+    MASTER_ADDR and MASTER_PORT) started it; None otherwise."""
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        return None
+    missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        raise ValueError(f"launched with only part of the torchrun environment: {', '.join(missing)} not set")
+    values = {}
+    for name in ("RANK", "WORLD_SIZE", "MASTER_PORT"):
+        try:
+            values[name] = int(os.environ[name])
+        except ValueError:
+            raise ValueError(f"environment variable {name} must be an integer, got {os.environ[name]!r}") from None
+    rank, world = values["RANK"], values["WORLD_SIZE"]
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
+    timeout = float(os.environ.get("STOCHOPT_DIST_TIMEOUT", 60))
+    return rank, LaunchConfig(world, os.environ["MASTER_ADDR"], values["MASTER_PORT"], timeout)
+
+
+def check_port_free(config: LaunchConfig) -> None:
+    """Before spawning local ranks: the rendezvous port must be free, or rank 0 would fail to listen."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((config.master_addr, config.master_port))
+        except OSError as err:
+            raise ValueError(
+                f"master_port {config.master_port} on {config.master_addr} is not free ({err.strerror}); choose "
+                "another port"
+            ) from None
+
+
+def free_port(addr: str = "127.0.0.1") -> int:
+    """A port the operating system reports free now (for local runs and tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((addr, 0))
+        return sock.getsockname()[1]
+
+
+def init_process_group(rank: int, config: LaunchConfig) -> None:
+    """Join the group; a group that does not form within ``config.timeout`` (a wrong world size, address or port)
+    raises :class:`DistributedError` saying so."""
+    if config.master_addr in ("127.0.0.1", "localhost"):
+        # all ranks on this machine: gloo would otherwise pick the interface of the host name, which may not route
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    try:
+        dist.init_process_group(
+            config.backend, init_method=config.init_method, rank=rank, world_size=config.world_size,
+            timeout=datetime.timedelta(seconds=config.timeout),
+        )  # fmt: skip
+    except (RuntimeError, OSError) as err:
+        raise DistributedError(
+            f"rank {rank}: the process group of {config.world_size} ranks at {config.master_addr}:"
+            f"{config.master_port} did not form within {config.timeout:g} s ({_first_line(err)}); check that every "
+            "rank was started with the same world size, address and port"
+        ) from err
+
+
+_PEER_FAILURE = ("connection", "timed out", "timeout", "gloo", "nccl", "peer", "broken pipe")
+
+
+@contextlib.contextmanager
+def peer_failures(rank: int, config: LaunchConfig, where: Callable[[], str] = lambda: "") -> Iterator[None]:
+    """Turn the error a collective raises when another rank died or stalled into a :class:`DistributedError`
+    that says what happened; other errors pass unchanged."""
+    try:
+        yield
+    except RuntimeError as err:
+        message = str(err).lower()
+        if isinstance(err, DistributedError) or not any(word in message for word in _PEER_FAILURE):
+            raise
+        raise DistributedError(
+            f"rank {rank} stopped{where()}: another rank died or stalled for more than {config.timeout:g} s "
+            f"({_first_line(err)})"
+        ) from err
+
+
+def spawn(fn: Callable[..., Any], config: LaunchConfig, args: tuple = ()) -> None:
+    """Run ``fn(rank, config, *args)`` in ``config.world_size`` fresh processes and wait for them; the first rank
+    to fail stops the others, and its error comes back as a :class:`DistributedError`."""
+    check_port_free(config)
+    try:
+        mp.start_processes(fn, args=(config, *args), nprocs=config.world_size, join=True, start_method="spawn")
+    except mp.ProcessRaisedException as err:
+        raise DistributedError(f"a rank failed: {_last_line(err)}") from None
+    except mp.ProcessExitedException as err:
+        raise DistributedError(f"rank {err.error_index} exited unexpectedly ({err})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _last_line(err: BaseException) -> str:
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
