@@ -106,6 +106,35 @@ def _viz(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ddp(args: argparse.Namespace) -> int:
+    from stochopt.distributed import DDPPlan, DistributedError, LaunchConfig, free_port, parse_method
+    from stochopt.distributed.train import _value, format_table, run_ddp, write_results
+
+    if args.optimizer_options is None:
+        options = {"momentum": 0.9} if args.optimizer == "sgd" else {}
+    else:
+        options = {k.strip(): _value(v.strip()) for k, _, v in
+                   (item.partition("=") for item in args.optimizer_options.split(",") if item.strip())}  # fmt: skip
+    plan = DDPPlan(
+        [parse_method(spec) for spec in args.compression.split(";") if spec.strip()], optimizer=args.optimizer,
+        optimizer_options={"lr": args.lr, **options}, steps=args.steps, batch_size=args.batch_size,
+        hidden=args.hidden, seed=args.seed, eval_every=args.eval_every, zero=args.zero,
+    )  # fmt: skip
+    port = args.master_port if args.master_port is not None else free_port(args.master_addr)
+    config = LaunchConfig(args.nproc, args.master_addr, port, args.timeout)
+    try:
+        results = run_ddp(plan, config, verbose=not args.quiet)
+    except DistributedError as err:
+        print(f"stochopt: error: {err}", file=sys.stderr)
+        return 1
+    if results is None:  # not rank 0 of a torchrun launch
+        return 0
+    print(format_table(results))
+    for path in write_results(results, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stochopt", description="stochastic optimizers for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -171,6 +200,34 @@ def build_parser() -> argparse.ArgumentParser:
     p_viz.add_argument("--gif", help="also an animation")
     p_viz.add_argument("--loss-png", help="also f - f* against steps")
     p_viz.set_defaults(func=_viz)
+
+    p_ddp = sub.add_parser(
+        "ddp", help="data-parallel digits MLP with gradient compression beside uncompressed DDP: loss, bytes, time",
+        description="Spawns --nproc gloo processes, or runs as one rank under "
+        "`torchrun --nproc-per-node N -m stochopt.cli ddp ...`.",
+    )  # fmt: skip
+    p_ddp.add_argument(
+        "--compression", default="topk:density=0.01;randomk:density=0.01;sign;powersgd:rank=2",
+        help="';'-separated name:key=value,... of none, topk, randomk, sign, powersgd (uncompressed 'none' is "
+        "always run too; default: %(default)s)",
+    )  # fmt: skip
+    p_ddp.add_argument("--nproc", type=int, default=2, help="processes to spawn (default 2; torchrun: its own)")
+    p_ddp.add_argument("--optimizer", default="sgd", help="a registered optimizer (default sgd)")
+    p_ddp.add_argument("--lr", type=float, default=0.1, help="learning rate (default 0.1)")
+    p_ddp.add_argument("--optimizer-options", help="key=value,... (default: momentum=0.9 for sgd, else none)")
+    p_ddp.add_argument("--steps", type=int, default=300)
+    p_ddp.add_argument("--batch-size", type=int, default=32, help="per process (default 32)")
+    p_ddp.add_argument("--hidden", type=int, default=256, help="MLP width (default 256)")
+    p_ddp.add_argument("--seed", type=int, default=0)
+    p_ddp.add_argument("--eval-every", type=int, default=10, help="steps between training-set losses (default 10)")
+    p_ddp.add_argument("--zero", action="store_true", help="shard the optimizer state (ZeroRedundancyOptimizer)")
+    p_ddp.add_argument("--master-addr", default="127.0.0.1")
+    p_ddp.add_argument("--master-port", type=int, help="default: a free port")
+    p_ddp.add_argument("--timeout", type=float, default=60.0,
+                       help="seconds a rank waits for the others before failing (default 60)")  # fmt: skip
+    p_ddp.add_argument("--out", default="ddp_results", help="folder for JSON, CSV and the plot (default ddp_results)")
+    p_ddp.add_argument("--quiet", action="store_true", help="no progress lines")
+    p_ddp.set_defaults(func=_ddp)
     return parser
 
 

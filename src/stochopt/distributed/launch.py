@@ -52,9 +52,9 @@ class LaunchConfig:
         return f"tcp://{self.master_addr}:{self.master_port}"
 
 
-def torchrun_rank() -> tuple[int, LaunchConfig] | None:
+def torchrun_rank(timeout: float = 60.0) -> tuple[int, LaunchConfig] | None:
     """This process's rank and launch settings when torchrun (or another launcher setting RANK, WORLD_SIZE,
-    MASTER_ADDR and MASTER_PORT) started it; None otherwise."""
+    MASTER_ADDR and MASTER_PORT) started it; None otherwise. ``timeout`` as in :class:`LaunchConfig`."""
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
         return None
     missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
@@ -69,7 +69,6 @@ def torchrun_rank() -> tuple[int, LaunchConfig] | None:
     rank, world = values["RANK"], values["WORLD_SIZE"]
     if not 0 <= rank < world:
         raise ValueError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
-    timeout = float(os.environ.get("STOCHOPT_DIST_TIMEOUT", 60))
     return rank, LaunchConfig(world, os.environ["MASTER_ADDR"], values["MASTER_PORT"], timeout)
 
 

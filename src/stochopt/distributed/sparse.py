@@ -133,7 +133,8 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> Future:
     state.count(bucket, allgather_bytes(wire.numel(), world))
     value_bytes = k * gradient.element_size()
 
-    def decode(_: torch.futures.Future) -> torch.Tensor:
+    def decode(fut: torch.futures.Future) -> torch.Tensor:
+        fut.value()  # raises the all-gather's error (a rank died or timed out) instead of reading garbage
         gradient.zero_()
         for chunk in gathered:
             sent = chunk[:value_bytes].view(gradient.dtype).div(world)  # divided first, as the dense all-reduce
@@ -201,7 +202,8 @@ def sign_hook(state: SignState, bucket: dist.GradBucket) -> Future:
     state.count(bucket, allgather_bytes(wire.numel(), world))
     scale_bytes = scales.numel() * scales.element_size()
 
-    def decode(_: torch.futures.Future) -> torch.Tensor:
+    def decode(fut: torch.futures.Future) -> torch.Tensor:
+        fut.value()  # raises the all-gather's error
         gradient.zero_()
         for chunk in gathered:
             rank_scales = chunk[:scale_bytes].view(gradient.dtype).div(world)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from stochopt.data import digits
-from stochopt.distributed.hooks import COMPRESSIONS, register_compression
+from stochopt.distributed.hooks import COMPRESSIONS, compression_hook, register_compression
 from stochopt.distributed.launch import (
     DistributedError,
     LaunchConfig,
@@ -99,6 +99,8 @@ class DDPPlan:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for method in self.methods:  # bad options fail here, with their name, not inside a spawned rank
+            compression_hook(method.name, **method.options)
         if not any(m.name == "none" for m in self.methods):
             self.methods = [Method("none"), *self.methods]
 
@@ -129,8 +131,15 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float
     return nn.functional.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 
 
-def train_method(plan: DDPPlan, method: Method, progress: Callable[[str], None] | None = None) -> MethodResult:
-    """Train one method in the current process group (every rank calls it) and return rank 0's measurements."""
+def train_method(
+    plan: DDPPlan,
+    method: Method,
+    progress: Callable[[str], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> MethodResult:
+    """Train one method in the current process group (every rank calls it) and return rank 0's measurements.
+    ``progress`` gets a line (on rank 0) at each evaluation; ``on_step(step)`` runs on every rank after each
+    step (logging, checkpoints, fault injection in the tests)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(plan.seed)
     model = digits_mlp(plan.hidden)
@@ -157,6 +166,8 @@ def train_method(plan: DDPPlan, method: Method, progress: Callable[[str], None] 
         stats = state.stats
         steps.append({"step": step + 1, "loss": loss.item(), "bytes_sent": stats.last_bytes_sent,
                       "dense_bytes": stats.last_dense_bytes, "seconds": seconds})  # fmt: skip
+        if on_step is not None:
+            on_step(step + 1)
         diverged = not math.isfinite(steps[-1]["loss"])
         if (step + 1) % plan.eval_every == 0 or step + 1 == plan.steps or diverged:
             train_loss, _ = _evaluate(model, x, y)
@@ -193,9 +204,9 @@ def ddp_worker(rank: int, config: LaunchConfig, plan: DDPPlan, result_file: str 
 def run_ddp(plan: DDPPlan, config: LaunchConfig | None = None, verbose: bool = True) -> list[MethodResult] | None:
     """Train every method of ``plan`` data-parallel and return the results on rank 0 (None on other ranks).
 
-    Under torchrun (RANK and WORLD_SIZE set) this process is one rank; otherwise ``config.world_size`` local
-    processes are spawned."""
-    launched = torchrun_rank()
+    Under torchrun (RANK and WORLD_SIZE set) this process is one rank (of ``config`` only the timeout counts);
+    otherwise ``config.world_size`` local processes are spawned."""
+    launched = torchrun_rank(config.timeout if config is not None else 60.0)
     with tempfile.TemporaryDirectory() as tmp:
         result_file = str(Path(tmp) / "results.pt")
         if launched is not None:
@@ -262,8 +273,9 @@ def plot_loss_vs_bytes(results: list[MethodResult], path: str | Path) -> None:
         losses = [c["train_loss"] for c in r.curve]
         by_bytes.plot([c["bytes_sent"] for c in r.curve], losses, label=f"{r.label} ({r.compression:.0f}x)")
         by_step.plot(steps, losses, label=r.label)
-    by_bytes.set(xscale="log", yscale="log", xlabel="gradient bytes sent per rank", ylabel="training loss",
-                 title="loss against bytes communicated")  # fmt: skip
+    sent_any = any(c["bytes_sent"] > 0 for r in results for c in r.curve)  # a single rank sends nothing
+    by_bytes.set(xscale="log" if sent_any else "linear", yscale="log", xlabel="gradient bytes sent per rank",
+                 ylabel="training loss", title="loss against bytes communicated")  # fmt: skip
     by_step.set(yscale="log", xlabel="step", ylabel="training loss", title="loss against steps")
     for ax in (by_bytes, by_step):
         ax.grid(alpha=0.3, which="both")
