@@ -277,6 +277,11 @@ def plot_loss_vs_bytes(results: list[MethodResult], path: str | Path) -> None:
     by_bytes.set(xscale="log" if sent_any else "linear", yscale="log", xlabel="gradient bytes sent per rank",
                  ylabel="training loss", title="loss against bytes communicated")  # fmt: skip
     by_step.set(yscale="log", xlabel="step", ylabel="training loss", title="loss against steps")
+    starts = [r.curve[0]["train_loss"] for r in results if r.curve and math.isfinite(r.curve[0]["train_loss"])]
+    lows = [c["train_loss"] for r in results for c in r.curve if 0 < c["train_loss"] < math.inf]
+    if starts and lows:  # a diverging method would squash every other curve to the bottom
+        for ax in (by_bytes, by_step):
+            ax.set_ylim(0.7 * min(lows), 3 * max(starts))
     for ax in (by_bytes, by_step):
         ax.grid(alpha=0.3, which="both")
     by_bytes.legend(fontsize=8)
