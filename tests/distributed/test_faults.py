@@ -24,11 +24,13 @@ from stochopt.distributed import (
     torchrun_rank,
 )
 from stochopt.distributed.launch import check_port_free
+from tests.distributed.conftest import START
 
 BOUND = 60  # seconds the surviving rank may take to exit
 
 
 def _worker(rank: int, config: LaunchConfig, fault: str, message_file: str) -> None:
+    torch.set_num_threads(1)  # two or more ranks on two cores
     # a small model on random data (no data set to load) under a compression hook, as in training
     init_process_group(rank, config)
     model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)))
@@ -53,7 +55,7 @@ def _worker(rank: int, config: LaunchConfig, fault: str, message_file: str) -> N
 
 def test_a_dead_or_stalled_rank_stops_the_others(tmp_path):
     # both faults at once, in two process groups, to share the start-up time of the processes
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context(START)
     timeout = 3
     runs = {}
     for fault in ("kill", "stall"):

@@ -17,6 +17,7 @@ from torch import nn
 
 from stochopt.distributed import CommStats, PowerSGDState, TopKState, allreduce_bytes, compression_hook
 from stochopt.distributed.state import index_bits, pack_bits, pack_indices, unpack_bits, unpack_indices
+from tests.distributed.conftest import START
 
 SHAPES = [(40, 30), (30,), (20, 40), (7,)]
 STEPS = 6
@@ -56,6 +57,7 @@ def inputs(step: int, rank: int) -> list[torch.Tensor]:
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)  # two or more ranks on two cores
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         out = {}
@@ -85,7 +87,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hooks")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_worker, args=(WORLD, str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
+    mp.start_processes(_worker, args=(WORLD, str(tmp / "init"), str(tmp)), nprocs=WORLD, start_method=START)
     return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
 
 

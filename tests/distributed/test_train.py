@@ -12,6 +12,7 @@ import pytest
 
 from stochopt.cli import main
 from stochopt.distributed import DDPPlan, LaunchConfig, Method, free_port, parse_method, run_ddp, write_results
+from tests.distributed.conftest import START
 
 STEPS = 300
 MARGIN = 0.05  # final training-set cross-entropy above uncompressed DDP's (which ends near 0.01-0.03)
@@ -20,7 +21,7 @@ MARGIN = 0.05  # final training-set cross-entropy above uncompressed DDP's (whic
 @pytest.fixture(scope="module")
 def results():
     plan = DDPPlan([Method("topk", {"density": 0.01}), Method("powersgd", {"rank": 2})], steps=STEPS, eval_every=STEPS)
-    out = run_ddp(plan, LaunchConfig(2, master_port=free_port(), timeout=60), verbose=False)
+    out = run_ddp(plan, LaunchConfig(2, master_port=free_port(), timeout=60), verbose=False, start_method=START)
     return {r.method: r for r in out}
 
 
@@ -63,11 +64,12 @@ def test_parse_method():
 
 
 def test_cli_as_one_torchrun_rank(tmp_path, monkeypatch, capsys):
-    # torchrun sets these; one rank runs in this process (the spawned path is exercised above)
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
+    # torchrun sets these; one rank runs in this process (the spawned path is exercised above), with ZeRO
+    env = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    for key, value in env.items():
         monkeypatch.setenv(key, value)
     code = main(["ddp", "--compression", "topk:density=0.1;sign", "--steps", "4", "--eval-every", "2",
-                 "--optimizer", "adamw", "--lr", "1e-3", "--out", str(tmp_path)])  # fmt: skip
+                 "--optimizer", "adamw", "--lr", "1e-3", "--zero", "--out", str(tmp_path)])  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0, out
     assert "topk density=0.1" in out and "sign" in out and "fewer bytes" in out

@@ -15,6 +15,7 @@ from torch import nn
 import stochopt
 from stochopt.distributed import load_checkpoint, save_checkpoint, zero_optimizer
 from tests.conftest import clone_params, make_params, set_grads
+from tests.distributed.conftest import START
 
 # the registry's defaults, except where a larger step makes a wrong shard show
 HYPERPARAMETERS = {"adam": dict(lr=0.01, weight_decay=0.01), "lion": dict(lr=0.01), "sgd": dict(lr=0.05, momentum=0.9)}
@@ -24,6 +25,7 @@ SHAPES = [(30, 20), (7, 5), (11,), (3, 4, 2), (1,)]  # small: ZeRO's partition, 
 
 
 def _worker(rank: int, world: int, init_file: str, results: str, checkpoint_dir: str) -> None:
+    torch.set_num_threads(1)  # two or more ranks on two cores
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         out = {"diff": {}, "state_params": {}, "resume": {}}
@@ -86,7 +88,8 @@ def _resume(name: str, path: str) -> dict[str, float]:
 def out(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("zero")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_worker, args=(2, str(tmp / "init"), str(tmp / "results.pt"), str(tmp)), nprocs=2, join=True)
+    mp.start_processes(_worker, args=(2, str(tmp / "init"), str(tmp / "results.pt"), str(tmp)), nprocs=2,
+                       start_method=START)  # fmt: skip
     return torch.load(tmp / "results.pt")
 
 

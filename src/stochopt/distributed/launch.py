@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -129,16 +130,26 @@ def peer_failures(rank: int, config: LaunchConfig, where: Callable[[], str] = la
         ) from err
 
 
-def spawn(fn: Callable[..., Any], config: LaunchConfig, args: tuple = ()) -> None:
+def spawn(fn: Callable[..., Any], config: LaunchConfig, args: tuple = (), start_method: str = "spawn") -> None:
     """Run ``fn(rank, config, *args)`` in ``config.world_size`` fresh processes and wait for them; the first rank
-    to fail stops the others, and its error comes back as a :class:`DistributedError`."""
+    to fail stops the others, and its error comes back as a :class:`DistributedError`. ``start_method``
+    "forkserver" starts ranks from a server process that imports torch once (faster when called repeatedly)."""
     check_port_free(config)
     try:
-        mp.start_processes(fn, args=(config, *args), nprocs=config.world_size, join=True, start_method="spawn")
+        mp.start_processes(_local_rank, args=(fn, config, args), nprocs=config.world_size, join=True,
+                           start_method=start_method)  # fmt: skip
     except mp.ProcessRaisedException as err:
         raise DistributedError(f"a rank failed: {_last_line(err)}") from None
     except mp.ProcessExitedException as err:
         raise DistributedError(f"rank {err.error_index} exited unexpectedly ({err})") from None
+
+
+def _local_rank(rank: int, fn: Callable[..., Any], config: LaunchConfig, args: tuple) -> None:
+    # N ranks on one machine share its cores, as torchrun arranges with OMP_NUM_THREADS; more threads per
+    # rank than cores would make them spin against each other
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.world_size))
+    fn(rank, config, *args)
 
 
 def _first_line(err: BaseException) -> str:

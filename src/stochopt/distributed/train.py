@@ -201,7 +201,9 @@ def ddp_worker(rank: int, config: LaunchConfig, plan: DDPPlan, result_file: str 
         dist.destroy_process_group()
 
 
-def run_ddp(plan: DDPPlan, config: LaunchConfig | None = None, verbose: bool = True) -> list[MethodResult] | None:
+def run_ddp(
+    plan: DDPPlan, config: LaunchConfig | None = None, verbose: bool = True, start_method: str = "spawn"
+) -> list[MethodResult] | None:
     """Train every method of ``plan`` data-parallel and return the results on rank 0 (None on other ranks).
 
     Under torchrun (RANK and WORLD_SIZE set) this process is one rank (of ``config`` only the timeout counts);
@@ -217,7 +219,7 @@ def run_ddp(plan: DDPPlan, config: LaunchConfig | None = None, verbose: bool = T
         else:
             if config is None:
                 raise ValueError("config is required when not launched by torchrun")
-            spawn(ddp_worker, config, (plan, result_file, verbose))
+            spawn(ddp_worker, config, (plan, result_file, verbose), start_method)
         if not Path(result_file).is_file():
             raise DistributedError("the run ended without results from rank 0")
         return [MethodResult(**r) for r in torch.load(result_file, weights_only=False)]
