@@ -108,13 +108,12 @@ def _viz(args: argparse.Namespace) -> int:
 
 def _ddp(args: argparse.Namespace) -> int:
     from stochopt.distributed import DDPPlan, DistributedError, LaunchConfig, free_port, parse_method
-    from stochopt.distributed.train import _value, format_table, run_ddp, write_results
+    from stochopt.distributed.train import format_table, parse_options, run_ddp, write_results
 
     if args.optimizer_options is None:
         options = {"momentum": 0.9} if args.optimizer == "sgd" else {}
     else:
-        options = {k.strip(): _value(v.strip()) for k, _, v in
-                   (item.partition("=") for item in args.optimizer_options.split(",") if item.strip())}  # fmt: skip
+        options = parse_options(args.optimizer_options, "--optimizer-options")
     plan = DDPPlan(
         [parse_method(spec) for spec in args.compression.split(";") if spec.strip()], optimizer=args.optimizer,
         optimizer_options={"lr": args.lr, **options}, steps=args.steps, batch_size=args.batch_size,

@@ -3,7 +3,7 @@ survives DDP's bucket rebuild, the bit packing of the wire formats, and the base
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -55,11 +55,6 @@ class CommStats:
     def compression(self) -> float:
         """Dense bytes over bytes sent, over all steps (inf before anything was sent)."""
         return self.dense_bytes / self.bytes_sent if self.bytes_sent else float("inf")
-
-    def as_dict(self) -> dict[str, float]:
-        out = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
-        out["compression"] = self.compression
-        return out
 
 
 class BucketMemory:

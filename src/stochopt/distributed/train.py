@@ -57,13 +57,18 @@ def parse_method(spec: str) -> Method:
     name, _, rest = spec.strip().partition(":")
     if name not in COMPRESSIONS:
         raise ValueError(f"unknown compression {name!r} in {spec!r}; known: {', '.join(COMPRESSIONS)}")
+    return Method(name, parse_options(rest, spec))
+
+
+def parse_options(text: str, where: str | None = None) -> dict[str, Any]:
+    """``"momentum=0.9,nesterov=true"`` -> ``{"momentum": 0.9, "nesterov": True}``."""
     options: dict[str, Any] = {}
-    for item in filter(None, (part.strip() for part in rest.split(","))):
+    for item in filter(None, (part.strip() for part in text.split(","))):
         key, eq, value = item.partition("=")
         if not eq:
-            raise ValueError(f"option {item!r} in {spec!r} is not key=value")
+            raise ValueError(f"option {item!r} in {where or text!r} is not key=value")
         options[key.strip()] = _value(value.strip())
-    return Method(name, options)
+    return options
 
 
 def _value(text: str) -> Any:
