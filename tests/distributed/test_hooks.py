@@ -83,7 +83,8 @@ def _worker(rank: int, world: int, cases: list[str], init_file: str, out_dir: st
         dist.destroy_process_group()
 
 
-FOUR_RANK_CASES = ["dense", "none", "topk_1", "randomk_1", "topk_small_buckets", "randomk_small_buckets", "sign", "topk"]
+FOUR_RANK_CASES = ["dense", "none", "topk_1", "randomk_1", "topk_small_buckets", "randomk_small_buckets", "sign",
+                   "topk"]  # fmt: skip
 
 
 def _run(size: int, cases: list[str], tmp) -> list[dict]:
