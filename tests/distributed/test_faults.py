@@ -23,7 +23,7 @@ from stochopt.distributed import (
     register_compression,
     torchrun_rank,
 )
-from stochopt.distributed.launch import check_port_free
+from stochopt.distributed.launch import check_port_free, spawn
 from tests.distributed.conftest import START
 
 BOUND = 60  # seconds the surviving rank may take to exit
@@ -123,3 +123,13 @@ def test_bad_torchrun_environment_is_named(monkeypatch, env, match):
         monkeypatch.setenv(key, value)
     with pytest.raises(ValueError, match=match):
         torchrun_rank()
+
+
+def _fails_on_rank_1(rank: int, config: LaunchConfig) -> None:
+    if rank == 1:
+        raise ValueError("rank 1 was given a bad shard")
+
+
+def test_a_failing_spawned_rank_is_reported():
+    with pytest.raises(DistributedError, match="a rank failed: ValueError: rank 1 was given a bad shard"):
+        spawn(_fails_on_rank_1, LaunchConfig(2, master_port=free_port()), start_method=START)

@@ -61,6 +61,10 @@ def test_parse_method():
         DDPPlan([parse_method("topk:density=2")])
     with pytest.raises(ValueError, match="unknown optimizer 'sgdd'"):
         DDPPlan([], optimizer="sgdd")
+    with pytest.raises(ValueError, match="lr"):
+        DDPPlan([], optimizer="adam", optimizer_options={"lr": -1.0})
+    with pytest.raises(ValueError, match="optimizer_options: .*momentum"):
+        DDPPlan([], optimizer="adam", optimizer_options={"momentum": 0.9})
 
 
 def test_cli_as_one_torchrun_rank(tmp_path, monkeypatch, capsys):

@@ -32,7 +32,7 @@ from stochopt.distributed.launch import (
     torchrun_rank,
 )
 from stochopt.distributed.zero import zero_optimizer
-from stochopt.registry import create_optimizer, optimizer_entry
+from stochopt.registry import create_optimizer
 
 
 def digits_mlp(hidden: int = 256) -> nn.Module:
@@ -99,7 +99,11 @@ class DDPPlan:
     zero: bool = False
 
     def __post_init__(self) -> None:
-        optimizer_entry(self.optimizer)  # unknown names fail here, before any process starts
+        # unknown names and bad hyperparameters fail here, before any process starts
+        try:
+            create_optimizer(self.optimizer, [torch.zeros(1, requires_grad=True)], **self.optimizer_options)
+        except TypeError as err:  # an option the optimizer does not take
+            raise ValueError(f"optimizer_options: {err}") from None
         for name in ("steps", "batch_size", "hidden", "eval_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
