@@ -15,12 +15,15 @@ from stochopt.optim import (
     LazyAdam,
     Lion,
     Lookahead,
+    Muon,
     NAdam,
     QHAdam,
     RAdam,
     Ranger,
     RMSprop,
+    Shampoo,
     gradient_centralization,
+    muon_param_groups,
 )
 from stochopt.registry import create_optimizer, list_optimizers, optimizer_entry, register
 from stochopt.training import EMA, SWA
@@ -32,4 +35,5 @@ __all__ = [
     "RAdam", "RMSprop", "Lamb", "Lars", "Adafactor", "Ranger", "Lookahead", "gradient_centralization",
     "SWA", "EMA", "EngineOptimizer", "NonFiniteGradientError", "create_optimizer", "list_optimizers",
     "optimizer_entry", "register", "__version__",
+    "Shampoo", "Muon", "muon_param_groups",
 ]  # fmt: skip

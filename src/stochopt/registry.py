@@ -93,5 +93,9 @@ for _name, _cls, _summary, _reference in [
      "Shazeer & Stern 2018, arXiv:1804.04235"),
     ("ranger", optim.Ranger, "RAdam inside Lookahead on centralized gradients, one kernel",
      "Wright 2019; Liu et al. 2020; Zhang et al. 2019; Yong et al. 2020"),
+    ("shampoo", optim.Shampoo, "Kronecker-factored L^-1/4 G R^-1/4 per matrix block, grafted to a diagonal step's norm",
+     "Gupta, Koren & Singer 2018, arXiv:1802.09568; Anil et al. 2020, arXiv:2002.09018"),
+    ("muon", optim.Muon, "Nesterov momentum orthogonalized by Newton-Schulz for matrices; AdamW for the rest",
+     "Jordan et al. 2024, kellerjordan.github.io/posts/muon; Liu et al. 2025, arXiv:2502.16982"),
 ]:  # fmt: skip
     register(_name, _cls, _summary, _reference)

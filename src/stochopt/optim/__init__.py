@@ -9,11 +9,14 @@ from stochopt.optim.layerwise import Lamb, Lars
 from stochopt.optim.lazyadam import LazyAdam
 from stochopt.optim.lion import Lion
 from stochopt.optim.lookahead import Lookahead
+from stochopt.optim.muon import Muon, muon_param_groups, newton_schulz
 from stochopt.optim.ranger import Ranger
 from stochopt.optim.sgd import QHM, SGD
+from stochopt.optim.shampoo import Shampoo
 
 __all__ = [
     "SGD", "QHM", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "QHAdam", "NAdam", "RAdam", "AdaBound",
     "Lion", "LazyAdam", "Lamb", "Lars", "Adafactor", "Ranger", "Lookahead",
     "gradient_centralization",
+    "Shampoo", "Muon", "muon_param_groups", "newton_schulz",
 ]  # fmt: skip
