@@ -39,6 +39,7 @@ CONTRACT_HP = {
     "shampoo": dict(lr=0.01, betas=(0.9, 0.99), weight_decay=0.01, precondition_frequency=3, grafting="adam",
                     max_preconditioner_dim=128),
     "muon": dict(lr=0.02, weight_decay=0.01, momentum=0.9),
+    "adafisher": dict(lr=0.01, weight_decay=0.01),
 }
 # Hyperparameters for which a negative value is valid (Adafactor's decay exponent of beta2).
 NEGATIVE_OK = {"beta2_decay"}

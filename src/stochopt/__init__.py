@@ -5,6 +5,7 @@ from stochopt.optim import (
     QHM,
     SGD,
     AdaBound,
+    AdaFisher,
     Adadelta,
     Adafactor,
     Adagrad,
@@ -35,5 +36,5 @@ __all__ = [
     "RAdam", "RMSprop", "Lamb", "Lars", "Adafactor", "Ranger", "Lookahead", "gradient_centralization",
     "SWA", "EMA", "EngineOptimizer", "NonFiniteGradientError", "create_optimizer", "list_optimizers",
     "optimizer_entry", "register", "__version__",
-    "Shampoo", "Muon", "muon_param_groups",
+    "Shampoo", "Muon", "AdaFisher", "muon_param_groups",
 ]  # fmt: skip

@@ -48,9 +48,10 @@ def create_optimizer(name: str, params: Any, **hyperparameters: Any) -> Optimize
     """``create_optimizer("adamw", model.parameters(), lr=3e-4)``: the registered class, built with these.
 
     ``params`` may be the model itself: then optimizers with a ``weight_decay`` get
-    :func:`stochopt.training.param_groups` (no decay for biases, norm weights and embeddings)."""
+    :func:`stochopt.training.param_groups` (no decay for biases, norm weights and embeddings); optimizers that
+    read the model itself (``takes_module = True``: AdaFisher's layer hooks) get the model."""
     entry = optimizer_entry(name)
-    if isinstance(params, nn.Module):
+    if isinstance(params, nn.Module) and not getattr(entry.cls, "takes_module", False):
         decays = "weight_decay" in inspect.signature(entry.cls).parameters
         params = param_groups(params) if decays else params.parameters()
     try:
@@ -97,5 +98,7 @@ for _name, _cls, _summary, _reference in [
      "Gupta, Koren & Singer 2018, arXiv:1802.09568; Anil et al. 2020, arXiv:2002.09018"),
     ("muon", optim.Muon, "Nesterov momentum orthogonalized by Newton-Schulz for matrices; AdamW for the rest",
      "Jordan et al. 2024, kellerjordan.github.io/posts/muon; Liu et al. 2025, arXiv:2502.16982"),
+    ("adafisher", optim.AdaFisher, "momentum over the diagonal of a Kronecker-factored Fisher (Linear, Conv2d)",
+     "Gomes et al. 2025, ICLR, arXiv:2405.16397"),
 ]:  # fmt: skip
     register(_name, _cls, _summary, _reference)

@@ -1,6 +1,7 @@
 """stochopt's optimizers, one module per algorithm family."""
 
 from stochopt.optim.adafactor import Adafactor
+from stochopt.optim.adafisher import AdaFisher
 from stochopt.optim.adam import Adam, AdamW, QHAdam
 from stochopt.optim.adam_variants import AdaBound, NAdam, RAdam
 from stochopt.optim.adaptive import Adadelta, Adagrad, RMSprop
@@ -18,5 +19,5 @@ __all__ = [
     "SGD", "QHM", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "QHAdam", "NAdam", "RAdam", "AdaBound",
     "Lion", "LazyAdam", "Lamb", "Lars", "Adafactor", "Ranger", "Lookahead",
     "gradient_centralization",
-    "Shampoo", "Muon", "muon_param_groups", "newton_schulz",
+    "Shampoo", "Muon", "AdaFisher", "muon_param_groups", "newton_schulz",
 ]  # fmt: skip
