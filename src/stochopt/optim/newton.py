@@ -1,0 +1,127 @@
+r"""Deterministic second-order baselines for small convex finite-sum problems
+:math:`f(x) = \frac1n \sum_i f_i(x)`: Newton's method with the exact Hessian (torch.func), and torch's own
+L-BFGS (``torch.optim.LBFGS``, not rewritten), run the same way so that their loss curves compare with the
+stochastic optimizers'."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from torch.func import grad, hessian
+
+from stochopt.engine import checks
+
+LossFn = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class BaselineRun:
+    """``losses[k]``: f after k steps (``losses[0]`` at the start); ``x``: the final point."""
+
+    method: str
+    losses: list[float] = field(default_factory=list)
+    x: Tensor | None = None
+
+    def steps_to(self, target: float) -> int | None:
+        """The first step count at which the loss is at most ``target``; None if never."""
+        return next((k for k, loss in enumerate(self.losses) if loss <= target), None)
+
+
+def least_squares(a: Tensor, b: Tensor) -> LossFn:
+    r""":math:`f(x) = \frac{1}{2n}\|A x - b\|^2` (``x`` a vector, or a matrix for several right-hand sides)."""
+    return lambda x: (a @ x - b).square().sum() / (2 * a.size(0))
+
+
+def logistic_regression(a: Tensor, y: Tensor, l2: float = 0.0) -> LossFn:
+    r""":math:`f(x) = \frac1n \sum_i \log(1 + e^{-y_i a_i^\top x}) + \frac{\lambda}{2}\|x\|^2`, labels in {-1, 1}."""
+    return lambda x: torch.nn.functional.softplus(-y * (a @ x)).mean() + 0.5 * l2 * x.square().sum()
+
+
+def newton(
+    loss_fn: LossFn,
+    x0: Tensor,
+    steps: int = 20,
+    damping: float = 0.0,
+    line_search: bool = True,
+    tol: float = 0.0,
+) -> BaselineRun:
+    r"""Damped Newton with a backtracking (Armijo) line search:
+
+    .. math::
+        d_k = -(\nabla^2 f(x_k) + \mu I)^{-1} \nabla f(x_k), \qquad x_{k+1} = x_k + t_k d_k
+
+    with :math:`t_k` the first of 1, 1/2, 1/4, ... such that
+    :math:`f(x_k + t d_k) \le f(x_k) + 10^{-4}\, t\, \nabla f(x_k)^\top d_k` (:math:`t_k = 1` without
+    ``line_search``). The gradient and the exact Hessian come from torch.func on the flattened ``x``, so this
+    is for problems of at most a few thousand variables. Stops early once :math:`\|\nabla f\| \le` ``tol``.
+    """
+    checks.count("steps", steps, 0)
+    checks.nonnegative("damping", damping)
+    checks.nonnegative("tol", tol)
+    shape = x0.shape
+    flat_fn = lambda v: loss_fn(v.view(shape))  # noqa: E731
+    x = x0.detach().reshape(-1).clone()
+    run = BaselineRun("newton", [float(flat_fn(x))])
+    for _ in range(steps):
+        g = grad(flat_fn)(x)
+        if float(g.norm()) <= tol:
+            break
+        h = hessian(flat_fn)(x)
+        d = -torch.linalg.solve(h + damping * torch.eye(len(x), dtype=x.dtype, device=x.device), g)
+        t, f0, slope = 1.0, run.losses[-1], float(g @ d)
+        while line_search and float(flat_fn(x + t * d)) > f0 + 1e-4 * t * slope and t > 1e-10:
+            t *= 0.5
+        x = x + t * d
+        run.losses.append(float(flat_fn(x)))
+    run.x = x.view(shape)
+    return run
+
+
+def lbfgs(
+    loss_fn: LossFn,
+    x0: Tensor,
+    steps: int = 20,
+    lr: float = 1.0,
+    history_size: int = 10,
+    line_search_fn: str | None = "strong_wolfe",
+) -> BaselineRun:
+    """``torch.optim.LBFGS``, one iteration per step (``max_iter=1``: its curvature pairs persist between calls),
+    with the strong-Wolfe line search by default. ``max_eval`` is set to 26: LBFGS's default, 1.25 x max_iter,
+    would leave the line search no evaluation at all with one iteration per call, and it would stall."""
+    checks.count("steps", steps, 0)
+    x = x0.detach().clone().requires_grad_()
+    opt = torch.optim.LBFGS(
+        [x], lr=lr, max_iter=1, max_eval=26, history_size=history_size, line_search_fn=line_search_fn
+    )
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = loss_fn(x)
+        loss.backward()
+        return loss
+
+    run = BaselineRun("lbfgs", [float(loss_fn(x.detach()))])
+    for _ in range(steps):
+        opt.step(closure)
+        run.losses.append(float(loss_fn(x.detach())))
+    run.x = x.detach()
+    return run
+
+
+def run_optimizer(
+    make: Callable[[list[Tensor]], torch.optim.Optimizer], loss_fn: LossFn, x0: Tensor, steps: int
+) -> BaselineRun:
+    """Any torch optimizer on the same full-batch problem, recorded the same way (for comparisons)."""
+    x = x0.detach().clone().requires_grad_()
+    opt = make([x])
+    run = BaselineRun(type(opt).__name__.lower(), [float(loss_fn(x.detach()))])
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(x).backward()
+        opt.step()
+        run.losses.append(float(loss_fn(x.detach())))
+    run.x = x.detach()
+    return run
