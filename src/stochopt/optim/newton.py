@@ -87,6 +87,7 @@ def lbfgs(
     lr: float = 1.0,
     history_size: int = 10,
     line_search_fn: str | None = "strong_wolfe",
+    stop_at: float | None = None,
 ) -> BaselineRun:
     """``torch.optim.LBFGS``, one iteration per step (``max_iter=1``: its curvature pairs persist between calls),
     with the strong-Wolfe line search by default. ``max_eval`` is set to 26: LBFGS's default, 1.25 x max_iter,
@@ -107,14 +108,21 @@ def lbfgs(
     for _ in range(steps):
         opt.step(closure)
         run.losses.append(float(loss_fn(x.detach())))
+        if stop_at is not None and run.losses[-1] <= stop_at:
+            break
     run.x = x.detach()
     return run
 
 
 def run_optimizer(
-    make: Callable[[list[Tensor]], torch.optim.Optimizer], loss_fn: LossFn, x0: Tensor, steps: int
+    make: Callable[[list[Tensor]], torch.optim.Optimizer],
+    loss_fn: LossFn,
+    x0: Tensor,
+    steps: int,
+    stop_at: float | None = None,
 ) -> BaselineRun:
-    """Any torch optimizer on the same full-batch problem, recorded the same way (for comparisons)."""
+    """Any torch optimizer on the same full-batch problem, recorded the same way (for comparisons); stops early
+    once the loss is at most ``stop_at``."""
     x = x0.detach().clone().requires_grad_()
     opt = make([x])
     run = BaselineRun(type(opt).__name__.lower(), [float(loss_fn(x.detach()))])
@@ -123,5 +131,53 @@ def run_optimizer(
         loss_fn(x).backward()
         opt.step()
         run.losses.append(float(loss_fn(x.detach())))
+        if stop_at is not None and run.losses[-1] <= stop_at:
+            break
     run.x = x.detach()
     return run
+
+
+def ill_conditioned_least_squares(
+    n: int = 200, d: int = 20, k: int = 10, condition: float = 1e3, seed: int = 0
+) -> tuple[LossFn, Tensor, float]:
+    r"""The seeds' finite-sum least squares, ill-conditioned and not axis-aligned: :math:`X = U \Sigma V^\top`
+    (n x d, random orthogonal U, V; singular values log-spaced over ``condition``, so the Hessian's condition
+    number is ``condition``^2), k right-hand sides :math:`Y = X W^* + 0.01\,\xi`, in float64. Returns the loss
+    of the d x k matrix W, the start W = 0, and the optimal loss (from ``torch.linalg.lstsq``)."""
+    gen = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(n, d, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    x = u @ torch.diag(torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), d, dtype=torch.float64)) @ v.T
+    x = x * n**0.5
+    y = x @ torch.randn(d, k, generator=gen, dtype=torch.float64) + 0.01 * torch.randn(n, k, generator=gen,
+                                                                                        dtype=torch.float64)  # fmt: skip
+    loss_fn = least_squares(x, y)
+    return loss_fn, torch.zeros(d, k, dtype=torch.float64), float(loss_fn(torch.linalg.lstsq(x, y).solution))
+
+
+def least_squares_race(
+    tolerance: float = 1e-4, steps: int = 1000, seed: int = 0
+) -> dict[str, tuple[int | None, float | None]]:
+    """Steps to reach f* + ``tolerance`` (f0 - f*) on :func:`ill_conditioned_least_squares`: Newton, L-BFGS, and
+    Adam and Shampoo each at the best learning rate of a grid of the same size (0.03-1 for Adam, 0.3-10 for
+    Shampoo, whose grafted step takes larger rates). Returns {method: (steps or None, learning rate)}."""
+    from stochopt.optim.adam import Adam
+    from stochopt.optim.shampoo import Shampoo
+
+    loss_fn, w0, f_star = ill_conditioned_least_squares(seed=seed)
+    target = f_star + tolerance * (float(loss_fn(w0)) - f_star)
+    out: dict[str, tuple[int | None, float | None]] = {
+        "newton": (newton(loss_fn, w0, 10).steps_to(target), None),
+        "lbfgs": (lbfgs(loss_fn, w0, steps, stop_at=target).steps_to(target), 1.0),
+    }
+    grids = {
+        "adam": ([0.03, 0.1, 0.3, 1.0], lambda lr: lambda p: Adam(p, lr=lr)),
+        "shampoo": ([0.3, 1.0, 3.0, 10.0], lambda lr: lambda p: Shampoo(p, lr=lr, betas=(0.0, 1.0),
+                                                                          precondition_frequency=1)),
+    }  # fmt: skip
+    for name, (lrs, make) in grids.items():
+        counts = {lr: run_optimizer(make(lr), loss_fn, w0, steps, target).steps_to(target) for lr in lrs}
+        reached = {lr: n for lr, n in counts.items() if n is not None}
+        best = min(reached, key=reached.__getitem__) if reached else None
+        out[name] = (reached.get(best) if best is not None else None, best)
+    return out
