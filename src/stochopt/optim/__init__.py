@@ -11,6 +11,7 @@ from stochopt.optim.lazyadam import LazyAdam
 from stochopt.optim.lion import Lion
 from stochopt.optim.lookahead import Lookahead
 from stochopt.optim.muon import Muon, muon_param_groups, newton_schulz
+from stochopt.optim.newton import BaselineRun, lbfgs, newton
 from stochopt.optim.ranger import Ranger
 from stochopt.optim.sgd import QHM, SGD
 from stochopt.optim.shampoo import Shampoo
@@ -19,5 +20,5 @@ __all__ = [
     "SGD", "QHM", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "QHAdam", "NAdam", "RAdam", "AdaBound",
     "Lion", "LazyAdam", "Lamb", "Lars", "Adafactor", "Ranger", "Lookahead",
     "gradient_centralization",
-    "Shampoo", "Muon", "AdaFisher", "muon_param_groups", "newton_schulz",
+    "Shampoo", "Muon", "AdaFisher", "muon_param_groups", "newton_schulz", "newton", "lbfgs", "BaselineRun",
 ]  # fmt: skip
