@@ -49,7 +49,7 @@ def test_speed_matrix_times_shampoo_and_muon_beside_adam_and_torch_muon(tmp_path
     assert main(["speed", "--matrix", "--params", "20000", "--steps", "10", "--json", str(path)]) == 0
     rows = {(r["optimizer"], r["library"]): r for r in json.loads(path.read_text())["results"]}
     assert set(rows) == {("adamw", "torch"), ("adam", "stochopt"), ("muon", "torch"), ("muon", "stochopt"),
-                         ("shampoo", "stochopt")}  # fmt: skip
+                         ("muon", "stochopt-bf16"), ("shampoo", "stochopt")}  # fmt: skip
     assert rows[("adamw", "torch")]["ratio_to_torch_fused_adamw"] == 1.0
     assert all(r["step_ms"] > 0 for r in rows.values())
     assert "recomputes its roots every 10 steps" in capsys.readouterr().out

@@ -26,7 +26,8 @@ MATRIX_CANDIDATES: list[tuple[str, str, type[Optimizer], dict[str, Any]]] = [
     ("adamw", "torch", torch.optim.AdamW, {"lr": 1e-3, "weight_decay": 1e-2, "fused": True}),
     ("adam", "stochopt", Adam, {"lr": 1e-3}),
     ("muon", "torch", torch.optim.Muon, {"lr": 0.02}),
-    ("muon", "stochopt", Muon, {"lr": 0.02}),
+    ("muon", "stochopt", Muon, {"lr": 0.02}),  # Newton-Schulz in default_ns_dtype (float32 on most CPUs)
+    ("muon", "stochopt-bf16", Muon, {"lr": 0.02, "ns_dtype": torch.bfloat16}),  # torch's precision
     ("shampoo", "stochopt", Shampoo, {"lr": 1e-2, "precondition_frequency": SHAMPOO_FREQUENCY}),
 ]
 
@@ -78,11 +79,11 @@ def format_matrix_table(results: list[Measurement], total_params: int) -> str:
         f"amortized optimizer step on {total_params / 1e6:.2f}M float32 parameters in {len(shapes)} matrices "
         f"({shapes[0][0]}x{shapes[0][1]} ... {shapes[-1][0]}x{shapes[-1][1]}), {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}; Shampoo recomputes its roots every {SHAMPOO_FREQUENCY} steps",
-        f"{'optimizer':<10} {'library':<10} {'ms/step':>9} {'Mparams/s':>10} {'vs torch AdamW':>15} {'first step s':>13}",
+        f"{'optimizer':<10} {'library':<14} {'ms/step':>9} {'Mparams/s':>10} {'vs torch AdamW':>15} {'first step s':>13}",
     ]
     for r in results:
         lines.append(
-            f"{r.optimizer:<10} {r.library:<10} {r.step_ms:>9.1f} {r.params_per_s / 1e6:>10.1f} "
+            f"{r.optimizer:<10} {r.library:<14} {r.step_ms:>9.1f} {r.params_per_s / 1e6:>10.1f} "
             f"{r.ratio_to_torch_fused_adamw:>14.3f}x {r.first_step_s:>13.2f}"
         )
     lines.append("ms/step: mean over whole recomputation periods; 'vs torch AdamW': params/s relative to "

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import stochopt
-from stochopt.optim.muon import newton_schulz
+from stochopt.optim.muon import default_ns_dtype, newton_schulz
 from tests.conftest import clone_params, make_params, set_grads
 
 MATRICES = [(24, 16), (16, 40), (9, 9)]
@@ -26,7 +26,8 @@ MATRICES = [(24, 16), (16, 40), (9, 9)]
 def test_muon_equals_torch_muon_on_matrices(options) -> None:
     ours = make_params(MATRICES, dtype=torch.float32)
     theirs = clone_params(ours)
-    opt, ref = stochopt.Muon(ours, **options), torch.optim.Muon(theirs, **options)
+    # torch iterates in bfloat16 on every device; stochopt's default is float32 on CPUs without native bfloat16
+    opt, ref = stochopt.Muon(ours, ns_dtype=torch.bfloat16, **options), torch.optim.Muon(theirs, **options)
     for t in range(100):
         set_grads(ours, t)
         set_grads(theirs, t)
@@ -41,7 +42,7 @@ def test_muon_equals_torch_muon_on_matrices(options) -> None:
 def test_conv_weights_are_flattened_matrices() -> None:
     conv = make_params([(6, 3, 2, 2)], dtype=torch.float32)
     flat = [conv[0].detach().reshape(6, 12).clone().requires_grad_()]
-    opt, ref = stochopt.Muon(conv, lr=0.02), torch.optim.Muon(flat, lr=0.02)
+    opt, ref = stochopt.Muon(conv, lr=0.02, ns_dtype=torch.bfloat16), torch.optim.Muon(flat, lr=0.02)
     for t in range(20):
         set_grads(conv, t)
         flat[0].grad = conv[0].grad.reshape(6, 12)
@@ -55,7 +56,8 @@ def test_newton_schulz_orthogonalizes() -> None:
     singular = torch.linalg.svdvals(newton_schulz(g, dtype=torch.float32))
     # the quintic iteration leaves singular values near 1, not at 1 (Jordan et al.: roughly 0.7 to 1.2)
     assert singular.min() > 0.6 and singular.max() < 1.25
-    assert newton_schulz(g).dtype == torch.bfloat16 and newton_schulz(g, dtype=torch.float32).dtype == torch.float32
+    assert newton_schulz(g).dtype == default_ns_dtype(g.device)
+    assert newton_schulz(g, dtype=torch.bfloat16).dtype == torch.bfloat16
     u, _, vh = torch.linalg.svd(g.double(), full_matrices=False)
     x, q = newton_schulz(g, dtype=torch.float32).double(), u @ vh
     assert (x * q).sum() / (x.norm() * q.norm()) > 0.95  # nearly the direction of U V^T
