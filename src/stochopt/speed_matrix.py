@@ -79,7 +79,8 @@ def format_matrix_table(results: list[Measurement], total_params: int) -> str:
         f"amortized optimizer step on {total_params / 1e6:.2f}M float32 parameters in {len(shapes)} matrices "
         f"({shapes[0][0]}x{shapes[0][1]} ... {shapes[-1][0]}x{shapes[-1][1]}), {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}; Shampoo recomputes its roots every {SHAMPOO_FREQUENCY} steps",
-        f"{'optimizer':<10} {'library':<14} {'ms/step':>9} {'Mparams/s':>10} {'vs torch AdamW':>15} {'first step s':>13}",
+        f"{'optimizer':<10} {'library':<14} {'ms/step':>9} {'Mparams/s':>10} {'vs torch AdamW':>15} "
+        f"{'first step s':>13}",
     ]
     for r in results:
         lines.append(

@@ -67,7 +67,8 @@ def _worker(rank: int, world: int, init_file: str, results: str) -> None:
                 sum(F.cross_entropy(ref(x[r::world]), y[r::world]) for r in range(world)).div(world).backward()
                 ref_opt.step()
             out[name] = max((p - q).abs().max().item() for p, q in zip(net.parameters(), ref.parameters()))
-            out[f"{name}_moved"] = max((p - q).abs().max().item() for p, q in zip(net.parameters(), model().parameters()))
+            start = model().parameters()
+            out[f"{name}_moved"] = max((p - q).abs().max().item() for p, q in zip(net.parameters(), start))
         torch.save(out, f"{results}.{rank}")
     finally:
         dist.destroy_process_group()

@@ -25,8 +25,8 @@ def test_newton_solves_least_squares_in_one_step() -> None:
 def logistic_problem():
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(120, 5, generator=gen, dtype=torch.float64)
-    y = torch.sign(a @ torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0], dtype=torch.float64) + torch.randn(120, generator=gen,
-                                                                                                   dtype=torch.float64))  # fmt: skip
+    truth = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0], dtype=torch.float64)
+    y = torch.sign(a @ truth + torch.randn(120, generator=gen, dtype=torch.float64))
     return logistic_regression(a, y, l2=1e-2), torch.zeros(5, dtype=torch.float64)
 
 

@@ -60,7 +60,8 @@ class Reference:
             self.L[i] = b2 * self.L[i] + w * G[b] @ G[b].T
             self.R[i] = b2 * self.R[i] + w * G[b].T @ G[b]
             if t >= start and (t - start) % freq == 0:
-                self.L_root[i], self.R_root[i] = inverse_fourth_root(self.L[i], eps), inverse_fourth_root(self.R[i], eps)
+                self.L_root[i] = inverse_fourth_root(self.L[i], eps)
+                self.R_root[i] = inverse_fourth_root(self.R[i], eps)
             if t < start:
                 U[b] = D2[b] if grafting != "none" else M2[b]
                 continue

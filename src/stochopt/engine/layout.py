@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -16,7 +16,7 @@ from torch import Tensor
 #: A named shape rule, or a function of the parameter's shape giving the state tensor's shape (the blocks of
 #: Shampoo's preconditioners, the factor diagonals of AdaFisher): the estimator reads either the same way.
 ShapeRule = Callable[[torch.Size], tuple[int, ...]]
-Shape = Union[Literal["param", "scalar", "row", "col"], ShapeRule]
+Shape = Literal["param", "scalar", "row", "col"] | ShapeRule
 DType = Literal["state", "param", "scalar"]
 Applies = Literal["all", "matrix", "vector"]
 
@@ -27,15 +27,15 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 class StateSpec:
     """One state tensor.
 
-    ``shape``: ``"param"`` (like the parameter), ``"scalar"`` (0-d, kept on the CPU as torch.optim keeps its
-    scalar state), ``"row"``/``"col"`` (the parameter's shape with the last / second-to-last dimension reduced
-    to 1: factored statistics of a matrix), or a function of the parameter's shape (a ``ShapeRule``, for state
-that is neither, such as matrix preconditioners; make it a module-level function or a frozen dataclass so that
-layouts compare equal). ``applies``: ``"matrix"`` for parameters of two or more dimensions
-    only, ``"vector"`` for the others only. ``dtype``: ``"state"`` follows the optimizer's state dtype (float32
-    for float16/bfloat16 parameters unless ``state_dtype`` says otherwise), ``"param"`` the parameter's dtype,
-    ``"scalar"`` torch.optim's dtype for scalar state (float64 when the default dtype is float64, else float32).
-    ``init``: the value the tensor starts from, or ``"param"`` for a copy of the parameter.
+        ``shape``: ``"param"`` (like the parameter), ``"scalar"`` (0-d, kept on the CPU as torch.optim keeps its
+        scalar state), ``"row"``/``"col"`` (the parameter's shape with the last / second-to-last dimension reduced
+        to 1: factored statistics of a matrix), or a function of the parameter's shape (a ``ShapeRule``, for state
+    that is neither, such as matrix preconditioners; make it a module-level function or a frozen dataclass so that
+    layouts compare equal). ``applies``: ``"matrix"`` for parameters of two or more dimensions
+        only, ``"vector"`` for the others only. ``dtype``: ``"state"`` follows the optimizer's state dtype (float32
+        for float16/bfloat16 parameters unless ``state_dtype`` says otherwise), ``"param"`` the parameter's dtype,
+        ``"scalar"`` torch.optim's dtype for scalar state (float64 when the default dtype is float64, else float32).
+        ``init``: the value the tensor starts from, or ``"param"`` for a copy of the parameter.
     """
 
     name: str

@@ -272,7 +272,7 @@ def muon_param_groups(
         raise ValueError(f"head {head!r} is not a module of the model; modules: {', '.join(n for n in names if n)}")
     muon, adamw, seen = [], [], set()
     for module_name, module in names.items():
-        for name, p in module.named_parameters(recurse=False):
+        for _, p in module.named_parameters(recurse=False):
             if id(p) in seen:  # tied weights: the first owner decides
                 continue
             seen.add(id(p))
