@@ -161,7 +161,8 @@ class AdaFisher(EngineOptimizer):
 
     @torch.no_grad()
     def _save_output_grad(self, module: nn.Module, a: Tensor, s: Tensor) -> None:
-        h, g = factor_diagonals(module, a.float() if a.dtype in (torch.float16, torch.bfloat16) else a, s.to(a.dtype))
+        work = torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else a.dtype  # sums of squares in float32
+        h, g = factor_diagonals(module, a.to(work), s.to(work))
         pending = self._pending.get(module)
         if pending is None:
             self._pending[module] = [h, g, 1]

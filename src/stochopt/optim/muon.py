@@ -190,7 +190,7 @@ class Muon(EngineOptimizer):
     # ----- the Muon part ------------------------------------------------------------------------------------
     def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], fresh: set[int]) -> None:
         mine = [i for i, p in enumerate(params) if owned_by_muon(group, p)]
-        others = [i for i in range(len(params)) if i not in set(mine)]
+        others = sorted(set(range(len(params))) - set(mine))
         if others:
             super()._step_group(group, [params[i] for i in others], [grads[i] for i in others], fresh)
         if not mine:
