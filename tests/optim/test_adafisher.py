@@ -174,3 +174,36 @@ def test_registry_passes_the_model_and_options_are_checked() -> None:
     opt.remove_hooks()
     model(torch.randn(2, 6)).sum().backward()
     assert not opt._pending
+
+
+def test_kronecker_path_keeps_the_contract() -> None:
+    """What the generic contract suite checks on plain params, on the Kronecker path: maximize is minimizing the
+    negated loss, bfloat16 layers keep float32 state, a group with lr=0 stays put."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 6), torch.arange(8) % 3
+    up, down = mlp(), mlp()
+    down.load_state_dict(up.state_dict())
+    opt_up, opt_down = stochopt.AdaFisher(up, lr=0.01, maximize=True), stochopt.AdaFisher(down, lr=0.01)
+    for _ in range(3):
+        opt_up.zero_grad()
+        F.cross_entropy(up(x), y).backward()
+        opt_up.step()
+        opt_down.zero_grad()
+        (-F.cross_entropy(down(x), y)).backward()
+        opt_down.step()
+    for p, q in zip(up.parameters(), down.parameters()):
+        assert torch.equal(p, q)
+
+    low = mlp().bfloat16()
+    opt = stochopt.AdaFisher(low, lr=0.01)
+    opt.param_groups[1]["lr"] = 0.0  # the LayerNorm's Adam group
+    frozen = low[3].weight.detach().clone()
+    first = low[0].weight.detach().clone()
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(low(x.bfloat16()).float(), y).backward()
+        opt.step()
+    assert opt.state[low[0].weight]["fisher_in"].dtype == torch.float32
+    assert opt.state[low[0].weight]["exp_avg"].dtype == torch.float32
+    assert low[0].weight.dtype == torch.bfloat16 and not torch.equal(low[0].weight, first)
+    assert torch.equal(low[3].weight, frozen)
