@@ -18,6 +18,7 @@ from stochopt.optim import (
     Lookahead,
     Muon,
     NAdam,
+    Newton,
     QHAdam,
     RAdam,
     Ranger,
@@ -36,5 +37,5 @@ __all__ = [
     "RAdam", "RMSprop", "Lamb", "Lars", "Adafactor", "Ranger", "Lookahead", "gradient_centralization",
     "SWA", "EMA", "EngineOptimizer", "NonFiniteGradientError", "create_optimizer", "list_optimizers",
     "optimizer_entry", "register", "__version__",
-    "Shampoo", "Muon", "AdaFisher", "muon_param_groups",
+    "Shampoo", "Muon", "AdaFisher", "muon_param_groups", "Newton",
 ]  # fmt: skip

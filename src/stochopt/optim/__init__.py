@@ -11,7 +11,7 @@ from stochopt.optim.lazyadam import LazyAdam
 from stochopt.optim.lion import Lion
 from stochopt.optim.lookahead import Lookahead
 from stochopt.optim.muon import Muon, muon_param_groups, newton_schulz
-from stochopt.optim.newton import BaselineRun, lbfgs, newton
+from stochopt.optim.newton import BaselineRun, Newton, lbfgs, newton
 from stochopt.optim.ranger import Ranger
 from stochopt.optim.sgd import QHM, SGD
 from stochopt.optim.shampoo import Shampoo
@@ -21,4 +21,5 @@ __all__ = [
     "Lion", "LazyAdam", "Lamb", "Lars", "Adafactor", "Ranger", "Lookahead",
     "gradient_centralization",
     "Shampoo", "Muon", "AdaFisher", "muon_param_groups", "newton_schulz", "newton", "lbfgs", "BaselineRun",
+    "Newton",
 ]  # fmt: skip
