@@ -44,16 +44,25 @@ def optimizer_entry(name: str) -> OptimizerEntry:
         raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(_REGISTRY)}") from None
 
 
+def params_for_module(cls: type[Optimizer], model: nn.Module) -> Any:
+    """What ``cls`` is built with when it is given a model: the class's own ``params_from_module(model)``
+    where it defines that hook (Muon: :func:`stochopt.muon_param_groups`, so that embeddings and the output head
+    go to AdamW; AdaFisher: the model itself, for its layer hooks); else :func:`stochopt.training.param_groups`
+    for optimizers with a ``weight_decay`` (no decay for biases, norm weights and embeddings); else the
+    model's parameters."""
+    hook = getattr(cls, "params_from_module", None)
+    if hook is not None:
+        return hook(model)
+    return param_groups(model) if "weight_decay" in inspect.signature(cls).parameters else model.parameters()
+
+
 def create_optimizer(name: str, params: Any, **hyperparameters: Any) -> Optimizer:
     """``create_optimizer("adamw", model.parameters(), lr=3e-4)``: the registered class, built with these.
 
-    ``params`` may be the model itself: then optimizers with a ``weight_decay`` get
-    :func:`stochopt.training.param_groups` (no decay for biases, norm weights and embeddings); optimizers that
-    read the model itself (``takes_module = True``: AdaFisher's layer hooks) get the model."""
+    ``params`` may be the model itself: see :func:`params_for_module`."""
     entry = optimizer_entry(name)
-    if isinstance(params, nn.Module) and not getattr(entry.cls, "takes_module", False):
-        decays = "weight_decay" in inspect.signature(entry.cls).parameters
-        params = param_groups(params) if decays else params.parameters()
+    if isinstance(params, nn.Module):
+        params = params_for_module(entry.cls, params)
     try:
         return entry.cls(params, **hyperparameters)
     except TypeError as err:

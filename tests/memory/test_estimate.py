@@ -42,8 +42,9 @@ def test_every_registered_optimizer_state_is_exact(name, dtype):
     model = Net().to(dtype)
     hp = CONTRACT_HP[name]
     est = estimate(name, module=model, precision="fp32" if dtype == torch.float32 else "bf16", hyperparameters=hp)
-    # optimizers that read the model (AdaFisher's layer hooks) get it, as the estimator does; the others its params
-    reads_model = getattr(stochopt.optimizer_entry(name).cls, "takes_module", False)
+    # optimizers that build their groups from the model (AdaFisher's layer hooks, Muon's rule) get it, as the
+    # estimator does; the others its params
+    reads_model = hasattr(stochopt.optimizer_entry(name).cls, "params_from_module")
     opt = stochopt.create_optimizer(name, model if reads_model else model.parameters(), **hp)
     assert est.optimizer_state == measured_state_bytes(opt, model)
     assert est.params == sum(p.nbytes for p in model.parameters()) == est.grads

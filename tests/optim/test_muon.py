@@ -147,3 +147,30 @@ def test_bad_options_are_named() -> None:
         stochopt.Muon([{"params": params, "use_muon": "yes"}])
     with pytest.raises(TypeError, match="distributed"):
         stochopt.Muon(params, distributed=1)
+
+
+def test_create_optimizer_with_a_model_follows_muons_rule() -> None:
+    """create_optimizer("muon", model) builds muon_param_groups (the class's params_from_module hook), not the
+    generic weight-decay groups: the embedding and the output head train with AdamW, hidden matrices with Muon;
+    it steps exactly as Muon built by hand from the helper's groups."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    twin = TinyLM()
+    twin.load_state_dict(model.state_dict())
+    opt = stochopt.create_optimizer("muon", model, lr=0.02, weight_decay=0.01)
+    by_hand = stochopt.Muon(stochopt.muon_param_groups(twin), lr=0.02, weight_decay=0.01)
+    assert [g["use_muon"] for g in opt.param_groups] == [True, False]
+    muon_owned = {id(p) for p in opt.param_groups[0]["params"]}
+    assert muon_owned == {id(model.block[0].weight), id(model.block[2].weight)}
+    assert {id(model.embed.weight), id(model.out.weight)} <= {id(p) for p in opt.param_groups[1]["params"]}
+    ids = torch.randint(0, 50, (32,), generator=torch.Generator().manual_seed(1))
+    for m, o in ((model, opt), (twin, by_hand)):
+        for _ in range(3):
+            o.zero_grad()
+            nn.functional.cross_entropy(m(ids), ids).backward()
+            o.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    assert set(opt.state[model.embed.weight]) == {"step", "exp_avg", "exp_avg_sq"}  # AdamW's state
+    assert set(opt.state[model.out.weight]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert set(opt.state[model.block[0].weight]) == {"step", "momentum_buffer"}

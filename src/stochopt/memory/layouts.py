@@ -66,14 +66,17 @@ def optimizer_layout(optimizer: str, **hyperparameters: Any) -> tuple[str, Layou
 
 def module_layouts(optimizer: str, model: torch.nn.Module, **hyperparameters: Any) -> list[Layout] | None:
     """One layout per parameter of ``model`` (in ``model.parameters()`` order) for a registered optimizer that
-    reads the model itself (``takes_module``: AdaFisher gives its Linear/Conv2d layers other state than the
-    rest); None for every other optimizer, whose one layout serves all parameters."""
+    builds its groups from the model (``params_from_module``: AdaFisher gives its Linear/Conv2d layers other
+    state than the rest, Muon gives embeddings and the head AdamW's); None for every other optimizer, whose one
+    layout serves all parameters."""
     if optimizer.startswith(("torch.optim.", "torch:")):
         return None
     entry = optimizer_entry(optimizer)
-    if not getattr(entry.cls, "takes_module", False):
+    hook = getattr(entry.cls, "params_from_module", None)
+    if hook is None:
         return None
-    probe = entry.cls(model, **hyperparameters)
-    probe.remove_hooks()  # the probe only reads the groups; the model must not keep its hooks
+    probe = entry.cls(hook(model), **hyperparameters)
+    if hasattr(probe, "remove_hooks"):
+        probe.remove_hooks()  # the probe only reads the groups; the model must not keep AdaFisher's hooks
     by_param = {id(p): tuple(probe._layout(group)) for group in probe.param_groups for p in group["params"]}
     return [by_param.get(id(p), ()) for p in model.parameters()]

@@ -106,7 +106,10 @@ class AdaFisher(EngineOptimizer):
     weight decay is decoupled (AdaFisherW).
     """
 
-    takes_module = True  # create_optimizer passes an nn.Module through instead of its parameters
+    @staticmethod
+    def params_from_module(model: nn.Module) -> nn.Module:
+        """``create_optimizer("adafisher", model)`` passes the model itself: the hooks need its layers."""
+        return model
 
     def __init__(
         self,

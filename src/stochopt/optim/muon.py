@@ -149,6 +149,11 @@ class Muon(EngineOptimizer):
         self.distributed = distributed
         super().__init__(params, defaults)
 
+    @staticmethod
+    def params_from_module(model: nn.Module) -> list[dict[str, Any]]:
+        """``create_optimizer("muon", model)`` builds its groups by Muon's rule: :func:`muon_param_groups`."""
+        return muon_param_groups(model)
+
     def _validate(self, group: dict[str, Any]) -> None:
         checks.nonnegative("lr", group["lr"])
         checks.nonnegative("weight_decay", group["weight_decay"])
