@@ -334,8 +334,8 @@ def ill_conditioned_least_squares(
     v, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
     x = u @ torch.diag(torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), d, dtype=torch.float64)) @ v.T
     x = x * n**0.5
-    noise = 0.01 * torch.randn(n, k, generator=gen, dtype=torch.float64)
-    y = x @ torch.randn(d, k, generator=gen, dtype=torch.float64) + noise
+    w_star = torch.randn(d, k, generator=gen, dtype=torch.float64)  # drawn before the noise: the measured instance
+    y = x @ w_star + 0.01 * torch.randn(n, k, generator=gen, dtype=torch.float64)
     loss_fn = least_squares(x, y)
     return loss_fn, torch.zeros(d, k, dtype=torch.float64), float(loss_fn(torch.linalg.lstsq(x, y).solution))
 
