@@ -244,5 +244,7 @@ def test_newton_refuses_what_it_cannot_do() -> None:
         Newton([w], line_search="yes")
     with pytest.raises(ValueError, match="c1"):
         Newton([w], c1=1.5)
+    with pytest.raises(ValueError, match="requires grad"):
+        Newton([torch.zeros(2)]).step(lambda: torch.zeros(()))
     with pytest.raises(ValueError, match="loss is nan"):
         Newton([w]).step(lambda: loss() * float("nan"))

@@ -173,6 +173,8 @@ class Newton(Optimizer):
                 "opt.step(lambda: loss_fn(model(x), y))"
             )
         params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        if not params:
+            raise ValueError("Newton has no parameter that requires grad")
         state = self.state[params[0]]
         for key, start in (("n_iter", 0), ("func_evals", 0), ("t", 0.0), ("converged", False)):
             state.setdefault(key, start)
