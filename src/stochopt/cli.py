@@ -20,6 +20,15 @@ def _list(args: argparse.Namespace) -> int:
 def _speed(args: argparse.Namespace) -> int:
     from stochopt.speed import as_json, format_table, run_speed
 
+    if args.matrix:
+        from stochopt.speed_matrix import format_matrix_table, run_matrix_speed
+
+        results, total = run_matrix_speed(args.params, args.steps, progress=lambda m: print(m, file=sys.stderr))
+        print(format_matrix_table(results, total))
+        if args.json:
+            Path(args.json).write_text(json.dumps(as_json(results, total), indent=2))
+            print(f"wrote {args.json}")
+        return 0
     names = [n.strip() for n in args.optimizers.split(",")] if args.optimizers else None
     results, total = run_speed(
         names, args.params, steps=args.steps, warmup=args.warmup, progress=lambda m: print(m, file=sys.stderr)
@@ -150,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="untimed steps after the first (default 7, past kernels that switch on later: Ranger syncs every 6)",
     )
     p_speed.add_argument("--json", metavar="PATH", help="also write the measurements as JSON")
+    p_speed.add_argument(
+        "--matrix", action="store_true",
+        help="amortized step of Shampoo and Muon beside Adam and torch.optim.Muon, on matrices (--params 3e6 is a "
+        "good size)",
+    )  # fmt: skip
     p_speed.set_defaults(func=_speed)
 
     from stochopt.training.schedules import SCHEDULES
