@@ -88,6 +88,7 @@ def test_a_dead_or_stalled_rank_stops_the_others(tmp_path):
         (dict(world_size=2, master_port=70000), "master_port must be an int in"),
         (dict(world_size=2, master_addr="no-such-host.invalid"), "master_addr 'no-such-host.invalid' does not resolve"),
         (dict(world_size=2, timeout=0), "timeout must be a positive"),
+        (dict(world_size=2, startup_timeout=-1), "startup_timeout must be a positive"),
         (dict(world_size=2, backend="mpi"), "backend must be"),
     ],
 )  # fmt: skip
@@ -107,7 +108,7 @@ def test_a_port_in_use_is_named():
 def test_a_group_that_never_forms_times_out_with_a_message():
     # world size 2, but only this rank starts: the rendezvous gives up after the timeout
     with pytest.raises(DistributedError, match="did not form within 1 s.*same world size, address and port"):
-        init_process_group(0, LaunchConfig(2, master_port=free_port(), timeout=1))
+        init_process_group(0, LaunchConfig(2, master_port=free_port(), startup_timeout=1))
 
 
 @pytest.mark.parametrize(

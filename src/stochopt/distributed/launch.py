@@ -26,31 +26,33 @@ class DistributedError(RuntimeError):
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Where the ranks meet. ``timeout``: seconds any collective (and the start-up rendezvous) may wait."""
+    """Where the ranks meet. ``timeout``: seconds any collective may wait for the other ranks;
+    ``startup_timeout``: seconds the rendezvous waits for every rank to arrive (ranks start unevenly: importing
+    torch on a busy machine takes seconds)."""
 
     world_size: int
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
     timeout: float = 60.0
     backend: str = "gloo"
+    startup_timeout: float = 300.0
+    from_launcher: bool = False  # torchrun's environment: its agent may host the store (env:// knows how)
 
     def __post_init__(self) -> None:
         if not isinstance(self.world_size, int) or isinstance(self.world_size, bool) or self.world_size < 1:
             raise ValueError(f"world_size must be a positive int, got {self.world_size!r}")
         if not isinstance(self.master_port, int) or not 1 <= self.master_port <= 65535:
             raise ValueError(f"master_port must be an int in [1, 65535], got {self.master_port!r}")
-        if not isinstance(self.timeout, (int, float)) or not self.timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {self.timeout!r}")
+        for name in ("timeout", "startup_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
         if self.backend not in ("gloo", "nccl"):
             raise ValueError(f"backend must be 'gloo' or 'nccl', got {self.backend!r}")
         try:
             socket.getaddrinfo(self.master_addr, self.master_port)
         except (socket.gaierror, UnicodeError) as err:
             raise ValueError(f"master_addr {self.master_addr!r} does not resolve to an address ({err})") from None
-
-    @property
-    def init_method(self) -> str:
-        return f"tcp://{self.master_addr}:{self.master_port}"
 
 
 def torchrun_rank(timeout: float = 60.0) -> tuple[int, LaunchConfig] | None:
@@ -70,7 +72,7 @@ def torchrun_rank(timeout: float = 60.0) -> tuple[int, LaunchConfig] | None:
     rank, world = values["RANK"], values["WORLD_SIZE"]
     if not 0 <= rank < world:
         raise ValueError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
-    return rank, LaunchConfig(world, os.environ["MASTER_ADDR"], values["MASTER_PORT"], timeout)
+    return rank, LaunchConfig(world, os.environ["MASTER_ADDR"], values["MASTER_PORT"], timeout, from_launcher=True)
 
 
 def check_port_free(config: LaunchConfig) -> None:
@@ -93,21 +95,29 @@ def free_port(addr: str = "127.0.0.1") -> int:
 
 
 def init_process_group(rank: int, config: LaunchConfig) -> None:
-    """Join the group; a group that does not form within ``config.timeout`` (a wrong world size, address or port)
-    raises :class:`DistributedError` saying so."""
+    """Join the group; a group that does not form within ``config.startup_timeout`` (a wrong world size, address
+    or port) raises :class:`DistributedError` saying so. Collectives then wait at most ``config.timeout``."""
     if config.master_addr in ("127.0.0.1", "localhost"):
         # all ranks on this machine: gloo would otherwise pick the interface of the host name, which may not route
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    timeout = datetime.timedelta(seconds=config.timeout)
     try:
-        dist.init_process_group(
-            config.backend, init_method=config.init_method, rank=rank, world_size=config.world_size,
-            timeout=datetime.timedelta(seconds=config.timeout),
-        )  # fmt: skip
+        if config.from_launcher:
+            dist.init_process_group(config.backend, init_method="env://", rank=rank, world_size=config.world_size,
+                                    timeout=timeout)  # fmt: skip
+        else:  # our own store, so that the rendezvous may wait longer than a collective
+            store = dist.TCPStore(
+                config.master_addr, config.master_port, config.world_size, is_master=rank == 0,
+                timeout=datetime.timedelta(seconds=config.startup_timeout), wait_for_workers=True,
+            )  # fmt: skip
+            dist.init_process_group(config.backend, store=store, rank=rank, world_size=config.world_size,
+                                    timeout=timeout)  # fmt: skip
     except (RuntimeError, OSError) as err:
         raise DistributedError(
             f"rank {rank}: the process group of {config.world_size} ranks at {config.master_addr}:"
-            f"{config.master_port} did not form within {config.timeout:g} s ({_first_line(err)}); check that every "
-            "rank was started with the same world size, address and port"
+            f"{config.master_port} did not form within "
+            f"{config.timeout if config.from_launcher else config.startup_timeout:g} s ({_first_line(err)}); check "
+            "that every rank was started with the same world size, address and port"
         ) from err
 
 
