@@ -86,3 +86,7 @@ def test_cli_bad_input_exits_2(capsys):
     assert "density must be in (0, 1], got 3" in capsys.readouterr().err
     assert main(["ddp", "--nproc", "0"]) == 2
     assert "world_size must be a positive int, got 0" in capsys.readouterr().err
+    assert main(["ddp", "--master-addr", "no-such-host.invalid"]) == 2
+    assert "master_addr 'no-such-host.invalid' is not an address of this machine" in capsys.readouterr().err
+    assert main(["ddp", "--master-port", "70000"]) == 2
+    assert "master_port must be an int in [1, 65535], got 70000" in capsys.readouterr().err

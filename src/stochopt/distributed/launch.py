@@ -90,7 +90,10 @@ def check_port_free(config: LaunchConfig) -> None:
 def free_port(addr: str = "127.0.0.1") -> int:
     """A port the operating system reports free now (for local runs and tests)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((addr, 0))
+        try:
+            sock.bind((addr, 0))
+        except OSError as err:
+            raise ValueError(f"master_addr {addr!r} is not an address of this machine ({err})") from None
         return sock.getsockname()[1]
 
 
