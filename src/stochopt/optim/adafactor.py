@@ -7,7 +7,28 @@ from typing import Any
 import torch
 
 from stochopt.engine import STEP, EngineOptimizer, StateSpec, checks, scalar
+from stochopt.engine.tensorlist import TensorList
 from stochopt.optim.common import ema_, rms
+
+
+#: rows summed together first by ``mean_over_rows`` (see there)
+ROW_BLOCK = 8
+
+
+def mean_over_rows(x: Any) -> Any:
+    """``x.mean(dim=-2, keepdim=True)``, summed in blocks of ``ROW_BLOCK`` rows and then over the blocks.
+
+    The same mean in another summation order. Why: inductor compiles a plain mean over dim -2 of a contiguous
+    matrix into a loop that walks each 16-column strip down all rows, one cache line per row; on a 32000 x 256
+    matrix that ran at ~1/6 of the memory bandwidth. Summing ``ROW_BLOCK`` consecutive rows first reads memory
+    in order and leaves a matrix 1/``ROW_BLOCK`` the size for the strided sum.
+    """
+    if isinstance(x, TensorList):
+        return x.mean(dim=-2, keepdim=True)
+    n = x.shape[-2]
+    whole = n - n % ROW_BLOCK
+    blocks = x[..., :whole, :].reshape(*x.shape[:-2], -1, ROW_BLOCK, x.shape[-1]).sum(dim=-2).sum(dim=-2, keepdim=True)
+    return blocks.add_(x[..., whole:, :].sum(dim=-2, keepdim=True)).div_(n)
 
 
 class Adafactor(EngineOptimizer):
@@ -117,8 +138,10 @@ class Adafactor(EngineOptimizer):
         if factored:
             row, col = state["row_var"], state["col_var"]
             ema_(row, g_sq.mean(dim=-1, keepdim=True), c["one_minus_beta2"])
-            ema_(col, g_sq.mean(dim=-2, keepdim=True), c["one_minus_beta2"])
-            variance = (row @ col).div_(row.mean(dim=-2, keepdim=True).clamp(min=c["eps1"]))
+            ema_(col, mean_over_rows(g_sq), c["one_minus_beta2"])
+            # row * col (broadcast) is row @ col of the (n, 1) and (1, m) factors, product for product; as a
+            # product the compiled kernel computes it where it is used instead of writing an n x m matrix.
+            variance = (row * col).div_(row.mean(dim=-2, keepdim=True).clamp(min=c["eps1"]))
         else:
             ema_(state["variance"], g_sq, c["one_minus_beta2"])
             variance = state["variance"].clone()
