@@ -31,6 +31,18 @@ def mean_over_rows(x: Any) -> Any:
     return blocks.add_(x[..., whole:, :].sum(dim=-2, keepdim=True)).div_(n)
 
 
+def rms_by_rows(x: Any) -> Any:
+    """``rms(x)`` with the squares summed along rows first (another summation order of the same sum).
+
+    Why: inductor computes a full reduction over a contiguous matrix as one flat loop, which cannot share the
+    row-by-row loop that computes Adafactor's update from its row and column factors; summed by rows, the
+    reduction runs inside that loop and the update is read once less.
+    """
+    if isinstance(x, TensorList):
+        return x.rms()
+    return (x * x).sum(dim=-1).sum().sqrt() / x.numel() ** 0.5
+
+
 class Adafactor(EngineOptimizer):
     r"""Adafactor (Shazeer & Stern, 2018, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost").
 
@@ -146,7 +158,7 @@ class Adafactor(EngineOptimizer):
             ema_(state["variance"], g_sq, c["one_minus_beta2"])
             variance = state["variance"].clone()
         update = variance.clamp_(min=c["eps1_sq"]).rsqrt().mul_(g)
-        clip = rms(update).mul(c["inv_d"]).clamp(min=1.0)  # max(1, RMS(U) / d)
+        clip = (rms_by_rows(update) if factored else rms(update)).mul(c["inv_d"]).clamp(min=1.0)  # max(1, RMS(U)/d)
         if momentum:
             m = state["exp_avg"]
             ema_(m, update.div_(clip), c["one_minus_beta1"])
