@@ -127,25 +127,6 @@ def norm(x: Any) -> Any:
     return x.norm() if isinstance(x, TensorList) else torch.linalg.vector_norm(x)
 
 
-#: block length of ``blocked_norm``: inductor sums a float32 reduction longer than 4096 with its cascade helper
-NORM_BLOCK = 4096
-
-
-def blocked_norm(x: Any) -> Any:
-    """``norm(x)`` with the squares of a flat tensor summed in blocks of ``NORM_BLOCK``, then over the blocks.
-
-    The same norm in another summation order (a blocked sum, no less accurate than one long cascade). Why: a
-    compiled float32 reduction longer than 4096 elements goes through inductor's cascade-summation helper, which
-    made a norm pass ~2.4x as slow as a pass of ``add_`` on this 2-core machine; blocks of 4096 need no helper
-    (measured on 8M elements, 2 threads: 2.1-2.3 against 2.7 ms). Tensors of other shapes take ``norm``.
-    """
-    if isinstance(x, TensorList) or x.dim() != 1:
-        return norm(x)
-    whole = x.shape[0] - x.shape[0] % NORM_BLOCK
-    head, tail = x[:whole].view(-1, NORM_BLOCK), x[whole:]
-    return (head * head).sum(dim=-1).sum().add(tail.dot(tail)).sqrt()
-
-
 def rms(x: Any) -> Any:
     """Root mean square of a tensor (0-d), or of each tensor of a TensorList."""
     return x.rms() if isinstance(x, TensorList) else torch.linalg.vector_norm(x) / x.numel() ** 0.5

@@ -11,7 +11,6 @@ from stochopt.optim.adam import ADAM_MOMENTS
 from stochopt.optim.common import (
     adam_coefficients,
     bias_correction,
-    blocked_norm,
     check_adam_group,
     ema_,
     ema_square_,
@@ -165,7 +164,7 @@ class Lars(EngineOptimizer):
     def _update(p: Any, g: Any, state: dict, c: dict, *, adapt: bool, decay: bool) -> None:
         buf = state["momentum_buffer"]
         if adapt:
-            p_norm, g_norm = blocked_norm(p), blocked_norm(g)  # two passes of their own: blocked sums run faster
+            p_norm, g_norm = norm(p), norm(g)
             denominator = g_norm.add(p_norm.mul(c["weight_decay"])).add(c["eps"])
             local_lr = trust_ratio(p_norm.mul(c["trust_coefficient"]), denominator, guard=g_norm)
         if decay:
