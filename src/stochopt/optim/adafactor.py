@@ -6,10 +6,8 @@ from typing import Any
 
 import torch
 
-from stochopt.engine import STEP, EngineOptimizer, StateSpec, checks, scalar
-from stochopt.engine.tensorlist import TensorList
+from stochopt.engine import STEP, EngineOptimizer, StateSpec, TensorList, checks, scalar
 from stochopt.optim.common import ema_, rms
-
 
 #: rows summed together first by ``mean_over_rows`` (see there)
 ROW_BLOCK = 8
@@ -19,9 +17,9 @@ def mean_over_rows(x: Any) -> Any:
     """``x.mean(dim=-2, keepdim=True)``, summed in blocks of ``ROW_BLOCK`` rows and then over the blocks.
 
     The same mean in another summation order. Why: inductor compiles a plain mean over dim -2 of a contiguous
-    matrix into a loop that walks each 16-column strip down all rows, one cache line per row; on a 32000 x 256
-    matrix that ran at ~1/6 of the memory bandwidth. Summing ``ROW_BLOCK`` consecutive rows first reads memory
-    in order and leaves a matrix 1/``ROW_BLOCK`` the size for the strided sum.
+    matrix into a loop that walks each 16-column strip down all rows, one cache line per row (on 1024 x 1024:
+    3.8 ms, against 0.32 ms for an ``add`` of the same size, 2 threads). Summing ``ROW_BLOCK`` consecutive rows
+    first reads memory in order and leaves a matrix 1/``ROW_BLOCK`` the size for the strided sum.
     """
     if isinstance(x, TensorList):
         return x.mean(dim=-2, keepdim=True)
