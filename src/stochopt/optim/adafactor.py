@@ -6,8 +6,39 @@ from typing import Any
 
 import torch
 
-from stochopt.engine import STEP, EngineOptimizer, StateSpec, checks, scalar
+from stochopt.engine import STEP, EngineOptimizer, StateSpec, TensorList, checks, scalar
 from stochopt.optim.common import ema_, rms
+
+#: rows summed together first by ``mean_over_rows`` (see there)
+ROW_BLOCK = 8
+
+
+def mean_over_rows(x: Any) -> Any:
+    """``x.mean(dim=-2, keepdim=True)``, summed in blocks of ``ROW_BLOCK`` rows and then over the blocks.
+
+    The same mean in another summation order. Why: inductor compiles a plain mean over dim -2 of a contiguous
+    matrix into a loop that walks each 16-column strip down all rows, one cache line per row (on 1024 x 1024:
+    3.8 ms, against 0.32 ms for an ``add`` of the same size, 2 threads). Summing ``ROW_BLOCK`` consecutive rows
+    first reads memory in order and leaves a matrix 1/``ROW_BLOCK`` the size for the strided sum.
+    """
+    if isinstance(x, TensorList):
+        return x.mean(dim=-2, keepdim=True)
+    n = x.shape[-2]
+    whole = n - n % ROW_BLOCK
+    blocks = x[..., :whole, :].reshape(*x.shape[:-2], -1, ROW_BLOCK, x.shape[-1]).sum(dim=-2).sum(dim=-2, keepdim=True)
+    return blocks.add_(x[..., whole:, :].sum(dim=-2, keepdim=True)).div_(n)
+
+
+def rms_by_rows(x: Any) -> Any:
+    """``rms(x)`` with the squares summed along rows first (another summation order of the same sum).
+
+    Why: inductor computes a full reduction over a contiguous matrix as one flat loop, which cannot share the
+    row-by-row loop that computes Adafactor's update from its row and column factors; summed by rows, the
+    reduction runs inside that loop and the update is read once less.
+    """
+    if isinstance(x, TensorList):
+        return x.rms()
+    return (x * x).sum(dim=-1).sum().sqrt() / x.numel() ** 0.5
 
 
 class Adafactor(EngineOptimizer):
@@ -117,13 +148,15 @@ class Adafactor(EngineOptimizer):
         if factored:
             row, col = state["row_var"], state["col_var"]
             ema_(row, g_sq.mean(dim=-1, keepdim=True), c["one_minus_beta2"])
-            ema_(col, g_sq.mean(dim=-2, keepdim=True), c["one_minus_beta2"])
-            variance = (row @ col).div_(row.mean(dim=-2, keepdim=True).clamp(min=c["eps1"]))
+            ema_(col, mean_over_rows(g_sq), c["one_minus_beta2"])
+            # row * col (broadcast) is row @ col of the (n, 1) and (1, m) factors, product for product; as a
+            # product the compiled kernel computes it where it is used instead of writing an n x m matrix.
+            variance = (row * col).div_(row.mean(dim=-2, keepdim=True).clamp(min=c["eps1"]))
         else:
             ema_(state["variance"], g_sq, c["one_minus_beta2"])
             variance = state["variance"].clone()
         update = variance.clamp_(min=c["eps1_sq"]).rsqrt().mul_(g)
-        clip = rms(update).mul(c["inv_d"]).clamp(min=1.0)  # max(1, RMS(U) / d)
+        clip = (rms_by_rows(update) if factored else rms(update)).mul(c["inv_d"]).clamp(min=1.0)  # max(1, RMS(U)/d)
         if momentum:
             m = state["exp_avg"]
             ema_(m, update.div_(clip), c["one_minus_beta1"])
