@@ -1,0 +1,1 @@
+"""AlgoPerf-style benchmark: time to a validation target on small workloads, scored by performance profiles."""
