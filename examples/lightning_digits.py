@@ -25,7 +25,9 @@ import stochopt
 from stochopt.training import WarmupDecayLR, param_groups
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_digits import digits, make_model  # noqa: E402  (the sibling example's data and model)
+from train_digits import make_model  # noqa: E402  (the sibling example's model)
+
+from stochopt.data import digits  # noqa: E402
 
 
 class DigitsClassifier(L.LightningModule):

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 import stochopt
+from stochopt.data import digits
 from stochopt.training import (
     BatchSizeRamp,
     MasterWeights,
@@ -33,20 +34,6 @@ from stochopt.training import (
     param_groups,
     split_batch,
 )
-
-
-def digits(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
-    """scikit-learn's 1797 digits (shipped inside the package, no download), pixels scaled to [0, 1],
-    a fixed 80/20 split."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    cut = int(0.8 * len(x))
-    train, val = order[:cut], order[cut:]
-    return TensorDataset(x[train], y[train]), TensorDataset(x[val], y[val])
 
 
 def make_model() -> nn.Module:
