@@ -1,0 +1,67 @@
+"""One trial: stops at the target, seeded curves are identical, non-finite losses are failed runs."""
+
+import math
+
+import pytest
+from tiny_workloads import Exploding, TinyClassifier, TinyRegression
+
+from stochopt.bench.algorithms import load_algorithm
+from stochopt.bench.runner import run_trial
+
+
+@pytest.fixture(scope="module")
+def regression():
+    workload = TinyRegression()
+    workload.setup()
+    return workload
+
+
+def test_same_seed_same_curve_other_seed_other_curve(regression):
+    algorithm = load_algorithm("nadamw")
+    point = algorithm.point({"lr": 0.02})
+    runs = [run_trial(regression, algorithm, point, seed, 30) for seed in (3, 3, 4)]
+    metrics = [[(step, metric) for step, _, metric in run.curve] for run in runs]
+    assert metrics[0] == metrics[1]
+    assert metrics[0] != metrics[2]
+    assert [step for step, _ in metrics[0]] == [0, 5, 10, 15, 20, 25, 30]
+
+
+def test_stops_at_the_first_evaluation_below_target(regression):
+    algorithm = load_algorithm("heavy_ball")
+    result = run_trial(regression, algorithm, algorithm.point({"lr": 0.05}), 0, 200, target=regression.target)
+    assert result.reached and not result.failed
+    steps, seconds, metrics = zip(*result.curve)
+    assert metrics[-1] <= regression.target and all(m > regression.target for m in metrics[:-1])
+    assert result.steps_to_target == steps[-1] == result.steps < 200
+    assert result.seconds_to_target == seconds[-1] == result.train_seconds
+    assert list(seconds) == sorted(seconds) and seconds[0] == 0.0
+
+
+def test_without_target_runs_the_whole_budget_and_keeps_the_best(regression):
+    algorithm = load_algorithm("adamw")
+    result = run_trial(regression, algorithm, algorithm.point(), 0, 20, target=None)
+    assert result.steps == 20 and not result.reached and math.isinf(result.seconds_to_target)
+    assert result.best_metric == min(m for _, _, m in result.curve)
+
+
+def test_non_finite_loss_is_a_failed_run_not_a_crash():
+    workload = Exploding()
+    workload.setup()
+    algorithm = load_algorithm("adamw")
+    result = run_trial(workload, algorithm, algorithm.point(), 0, 50, target=workload.target)
+    assert result.failed and "non-finite training loss" in result.reason and result.steps == 8
+    assert math.isinf(result.seconds_to_target) and math.isinf(result.steps_to_target)
+
+
+def test_huge_learning_rate_diverges_into_a_failed_run(regression):
+    algorithm = load_algorithm("heavy_ball")
+    result = run_trial(regression, algorithm, algorithm.point({"lr": 1e6, "warmup_fraction": 0.0}), 0, 60, 0.05)
+    assert result.failed and not result.reached
+
+
+def test_bring_your_own_optimizer_by_import_path():
+    workload = TinyClassifier()
+    workload.setup()
+    algorithm = load_algorithm("tiny_workloads:SignDescent")
+    result = run_trial(workload, algorithm, algorithm.point({"lr": 0.05}), 0, 40, workload.target)
+    assert result.reached
