@@ -14,12 +14,16 @@ from stochopt.bench.workloads.base import Batch, Workload
 from stochopt.bench.workloads.common import load_targets
 from stochopt.bench.workloads.convex import LeastSquares, Logistic
 from stochopt.bench.workloads.online import OnlineConvex
+from stochopt.bench.workloads.vision import Autoencoder, DigitsCNN, DigitsMLP
 
 WORKLOADS: dict[str, type[Workload]] = {
     cls.name: cls
     for cls in (
         LeastSquares,
         Logistic,
+        DigitsMLP,
+        DigitsCNN,
+        Autoencoder,
         OnlineConvex,
     )
 }
