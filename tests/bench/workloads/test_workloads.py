@@ -105,6 +105,9 @@ def train(name: str, steps: int, make):
     [
         ("least_squares", 300, lambda p: stochopt.SGD(p, lr=0.1, momentum=0.9), 0.05),
         ("logistic", 100, lambda p: stochopt.AdamW(p, lr=1e-2), 0.5),
+        ("digits_mlp", 150, lambda p: stochopt.AdamW(p, lr=3e-3), 0.2),
+        ("autoencoder", 300, lambda p: stochopt.AdamW(p, lr=1e-2), 0.6),
+        ("char_gpt", 60, lambda p: stochopt.AdamW(p, lr=1e-2), 0.85),
     ],
 )
 def test_short_training_lowers_the_metric(name, steps, make, factor):

@@ -11,8 +11,10 @@ import inspect
 from typing import Any
 
 from stochopt.bench.workloads.base import Batch, Workload
+from stochopt.bench.workloads.char_gpt import CharGPTWorkload
 from stochopt.bench.workloads.common import load_targets
 from stochopt.bench.workloads.convex import LeastSquares, Logistic
+from stochopt.bench.workloads.ctr import CTR
 from stochopt.bench.workloads.online import OnlineConvex
 from stochopt.bench.workloads.vision import Autoencoder, DigitsCNN, DigitsMLP
 
@@ -24,6 +26,8 @@ WORKLOADS: dict[str, type[Workload]] = {
         DigitsMLP,
         DigitsCNN,
         Autoencoder,
+        CharGPTWorkload,
+        CTR,
         OnlineConvex,
     )
 }
