@@ -129,8 +129,10 @@ def _bench(args: argparse.Namespace) -> int:
 
         try:
             with RichProgress() as progress:
-                targets = calibrate(names(args.workloads) or list(WORKLOADS), _given(args.trials, 5), _given(args.studies, 3),
-                                    args.seed, args.storage, args.jobs, progress, args.targets)  # fmt: skip
+                targets = calibrate(
+                    names(args.workloads) or list(WORKLOADS), _given(args.trials, 5), _given(args.studies, 3),
+                    args.seed, args.storage, args.jobs, progress, args.targets,
+                )  # fmt: skip
         except KeyboardInterrupt:
             print(f"interrupted; finished trials are kept in {args.storage}: rerun to resume", file=sys.stderr)
             return 130

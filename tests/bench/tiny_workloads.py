@@ -109,3 +109,10 @@ class SlowRegression(TinyRegression):
 
         time.sleep(0.005)
         return super().loss(model, batch)
+
+
+class ShortRegression(TinyRegression):
+    """TinyRegression with a 20-step budget, for runs that must not stop early (calibration)."""
+
+    name = "short_regression"
+    max_steps = 20

@@ -16,8 +16,8 @@ from typing import Any
 
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-from sqlalchemy import event
 from optuna.trial import TrialState
+from sqlalchemy import event
 
 HEARTBEAT_SECONDS = 5
 GRACE_SECONDS = 20

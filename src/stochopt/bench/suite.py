@@ -17,10 +17,10 @@ from stochopt.bench.storage import TrialRecord, load_records, open_storage
 
 #: ``stochopt bench --quick``: a few algorithms on the fast workloads, a few minutes on two CPU cores
 QUICK = {
-    "workloads": ["least_squares", "logistic", "digits_mlp"],
+    "workloads": ["least_squares", "logistic", "digits_mlp", "autoencoder"],
     "algorithms": ["nadamw", "adamw", "heavy_ball", "lion"],
     "ruleset": "external",
-    "trials": 3,
+    "trials": 5,
     "studies": 1,
 }
 DEFAULT_ALGORITHMS = ["nadamw", "adamw", "heavy_ball", "nesterov", "lion", "lamb", "adafactor"]
