@@ -103,6 +103,27 @@ def test_interrupted_run_resumes_without_losing_or_repeating_trials(tmp_path):
     assert third.finished == []  # nothing left to run
 
 
+def test_ctrl_c_inside_a_trial_requeues_it_with_the_same_hyperparameters(tmp_path):
+    from tiny_workloads import Interrupted
+
+    db, spec = str(tmp_path / "i.db"), "tiny_workloads:Interrupted"
+    Interrupted.interrupt_at, Interrupted.calls = 2 * 60 + 30, 0  # in the middle of the third trial
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark([spec], ["adamw"], trials=4, storage=db)
+    storage = open_storage(db)
+    study = optuna.load_study(study_name=f"external/{spec}/adamw/seed0/study0", storage=storage)
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
+    interrupted_lr = study.trials[2].params["lr"]
+    before = finished(load_records(storage))
+    Interrupted.interrupt_at = None
+    recorder = Recorder()
+    result = run_benchmark([spec], ["adamw"], trials=4, storage=db, progress=recorder)
+    after = finished(result.records)
+    assert len(recorder.finished) == 2 and len(after) == 4 and {k: after[k] for k in before} == before
+    assert interrupted_lr in {point["lr"] for point, _ in after.values()}
+
+
 KILLED_RUN = """
 import sys
 from stochopt.bench.storage import open_storage
@@ -196,7 +217,9 @@ def test_unparsable_search_space_file_is_exit_code_2(tmp_path, capsys):
 def test_calibrate_sets_targets_as_algoperf_from_the_baselines(tmp_path):
     targets = tmp_path / "targets.json"
     targets.write_text('{"other": {"target": 1.0, "source": "kept"}}')
-    found = calibrate(["tiny_workloads:ShortRegression"], trials=2, studies=3, storage=str(tmp_path / "cal.db"), output=targets)
+    found = calibrate(
+        ["tiny_workloads:ShortRegression"], trials=2, studies=3, storage=str(tmp_path / "cal.db"), output=targets
+    )
     records = load_records(open_storage(str(tmp_path / "cal.db")), ruleset="calibrate")
     assert len(records) == 4 * 3 * 2 and all(r.result["steps"] == 20 for r in records)  # no early stop
     expected = {}

@@ -116,3 +116,18 @@ class ShortRegression(TinyRegression):
 
     name = "short_regression"
     max_steps = 20
+
+
+class Interrupted(TinyRegression):
+    """Raises KeyboardInterrupt (as Ctrl-C would) in the middle of its ``interrupt_at``-th training step overall."""
+
+    name = "interrupted"
+    target = 0.0  # never reached: every trial runs its whole budget
+    interrupt_at: int | None = None
+    calls = 0
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        type(self).calls += 1
+        if type(self).calls == self.interrupt_at:
+            raise KeyboardInterrupt
+        return super().loss(model, batch)
