@@ -36,11 +36,10 @@ def tables(result: BenchmarkResult) -> tuple[list[str], list[list[str]], list[li
     ratios = performance_ratios(seconds)
     rows = [[w, *(_seconds(seconds[w][a], steps[w][a], ratios[w][a]) for a in algorithms)] for w in seconds]
     scores = summary(seconds, BASELINE)
-    score_rows = [
-        ["benchmark score", *(_number(scores[a]["score"]) for a in algorithms)],
-        [f"speed-up vs {BASELINE}", *(
-            f"{_number(scores[a]['speedup'], '.2f')}x ({scores[a]['speedup_workloads']})" for a in algorithms)],
-    ]  # fmt: skip
+    score_rows = [["benchmark score", *(_number(scores[a]["score"]) for a in algorithms)]]
+    if BASELINE in algorithms:
+        gains = [f"{_number(scores[a]['speedup'], '.2f')}x ({scores[a]['speedup_workloads']})" for a in algorithms]
+        score_rows.append([f"speed-up vs {BASELINE}", *gains])
     return header, rows, score_rows
 
 
