@@ -18,7 +18,8 @@ def describe(result: TrialResult) -> str:
     if result.failed:
         return f"failed: {result.reason}"
     best = f"{result.best_metric:.4g}" if math.isfinite(result.best_metric) else "none"
-    return f"missed the target in {result.steps} steps (best {best})"
+    missed = "" if result.target is None else f", target {result.target:.4g} missed"
+    return f"best {best} in {result.steps} steps{missed}"
 
 
 class RichProgress(ProgressSink):

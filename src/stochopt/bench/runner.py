@@ -36,6 +36,7 @@ class TrialResult:
     eval_seconds: float
     failed: bool = False
     reason: str = ""
+    target: float | None = None
     curve: list[tuple[int, float, float]] = field(default_factory=list)
 
     @property
@@ -88,7 +89,7 @@ def run_trial(
         return TrialResult(
             seconds_to_target=train_seconds if reached else inf, steps_to_target=step if reached else inf,
             best_metric=best, steps=step, train_seconds=train_seconds, eval_seconds=eval_seconds,
-            failed=bool(reason), reason=reason, curve=curve,
+            failed=bool(reason), reason=reason, target=target, curve=curve,
         )  # fmt: skip
 
     evaluate(0)
