@@ -34,7 +34,7 @@ def test_stops_at_the_first_evaluation_below_target(regression):
     assert metrics[-1] <= regression.target and all(m > regression.target for m in metrics[:-1])
     assert result.steps_to_target == steps[-1] == result.steps < 200
     assert result.seconds_to_target == seconds[-1] == result.train_seconds
-    assert list(seconds) == sorted(seconds) and seconds[0] == 0.0
+    assert list(seconds) == sorted(seconds) and seconds[0] < seconds[1]  # step 0: the optimizer's set-up time
 
 
 def test_without_target_runs_the_whole_budget_and_keeps_the_best(regression):
