@@ -99,8 +99,9 @@ def test_interrupted_run_resumes_without_losing_or_repeating_trials(tmp_path):
     after = finished(result.records)
     assert len(after) == 12 and {k: after[k] for k in before} == before  # the first five untouched
     third = Recorder()
-    run_benchmark(*args, trials=3, storage=db, progress=third)
+    fewer = run_benchmark(*args, trials=2, storage=db, progress=third)
     assert third.finished == []  # nothing left to run
+    assert sorted(finished(fewer.records)) == sorted(k for k in after if k[3] < 2)  # each study's first two
 
 
 def test_ctrl_c_inside_a_trial_requeues_it_with_the_same_hyperparameters(tmp_path):

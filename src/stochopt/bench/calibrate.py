@@ -16,7 +16,7 @@ from stochopt.bench.algorithms import BASELINES, load_algorithm
 from stochopt.bench.rulesets import ProgressSink, run_studies
 from stochopt.bench.scoring import median_over_studies
 from stochopt.bench.storage import TrialRecord, load_records, open_storage
-from stochopt.bench.suite import DEFAULT_STORAGE, load_workloads, plan
+from stochopt.bench.suite import DEFAULT_STORAGE, first_trials, load_workloads, plan
 
 
 def targets_path() -> Path:
@@ -50,7 +50,7 @@ def calibrate(
     specs = plan(loaded, [load_algorithm(b) for b in BASELINES], "calibrate", trials, studies, seed)
     db = open_storage(storage)
     run_studies(specs, db, jobs, progress)
-    found = targets_from(load_records(db, names=[s.name for s in specs]))
+    found = targets_from(first_trials(load_records(db, names=[s.name for s in specs]), specs))
     today = datetime.date.today().isoformat()
     path = Path(output) if output else targets_path()
     targets = json.loads(path.read_text()) if path.exists() else {}

@@ -103,8 +103,21 @@ def run_benchmark(
     specs = plan(loaded, algos, ruleset, trials, studies, seed, workload_options)
     db = open_storage(storage) if isinstance(storage, str) else storage
     run_studies(specs, db, jobs, progress, stop_after)
-    records = load_records(db, names=[s.name for s in specs])
-    return BenchmarkResult(records, ruleset, list(workloads), [a.name for a in algos])
+    return BenchmarkResult(first_trials(load_records(db, names=[s.name for s in specs]), specs), ruleset,
+                           list(workloads), [a.name for a in algos])  # fmt: skip
+
+
+def first_trials(records: list[TrialRecord], specs: list[StudySpec]) -> list[TrialRecord]:
+    """Each study's first ``trials`` finished trials: a storage that holds more (an earlier run with a larger
+    ``--trials``) must not give this run's studies more tries than it asked for."""
+    limit = {(s.workload, s.algorithm.name, s.seed, s.study): s.trials for s in specs}
+    kept, seen = [], defaultdict(int)
+    for r in sorted(records, key=lambda r: r.trial):
+        key = (r.workload, r.algorithm, r.seed, r.study)
+        if seen[key] < limit.get(key, 0):
+            seen[key] += 1
+            kept.append(r)
+    return kept
 
 
 def load_result(storage: str = DEFAULT_STORAGE, ruleset: str = "external") -> BenchmarkResult:
