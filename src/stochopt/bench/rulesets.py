@@ -35,6 +35,7 @@ from stochopt.bench.runner import TrialResult, run_trial
 
 RULESETS = ("external", "self", "calibrate")
 SELF_TUNING_BUDGET = 3  # AlgoPerf: the self-tuning ruleset trains 3x longer than the external-tuning budget
+HEARTBEAT_FALLBACK = 5  # seconds, for a storage opened without heartbeats
 
 
 @dataclass(frozen=True)
@@ -207,10 +208,9 @@ def run_studies(
         spec = flight.spec
         point = spec.algorithm.point(flight.trial.params)
         flight.trial.set_user_attr("point", point)
-        max_steps = spec.max_steps
         return {"key": flight.trial._trial_id, "workload": spec.workload, "workload_options": spec.workload_options,
                 "algorithm": spec.algorithm, "point": point, "seed": spec.trial_seed(flight.trial.number),
-                "max_steps": max_steps, "target": spec.target}  # fmt: skip
+                "max_steps": spec.max_steps, "target": spec.target}  # fmt: skip
 
     def tell(flight: _InFlight, result: TrialResult) -> None:
         nonlocal finished_here
@@ -269,6 +269,3 @@ def run_studies(
         beating.set()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-
-
-HEARTBEAT_FALLBACK = 5
