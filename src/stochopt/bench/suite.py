@@ -14,6 +14,7 @@ from stochopt.bench.algorithms import Algorithm, load_algorithm
 from stochopt.bench.rulesets import RULESETS, SELF_TUNING_BUDGET, ProgressSink, StudySpec, run_studies
 from stochopt.bench.scoring import Table, median_over_studies, study_time
 from stochopt.bench.storage import TrialRecord, load_records, open_storage
+from stochopt.bench.workloads.base import Workload
 
 #: ``stochopt bench --quick``: a few algorithms on the fast workloads, a few minutes on two CPU cores
 QUICK = {
@@ -27,23 +28,16 @@ DEFAULT_ALGORITHMS = ["nadamw", "adamw", "heavy_ball", "nesterov", "lion", "lamb
 DEFAULT_STORAGE = "stochopt-bench.db"
 
 
-def load_workloads(specs: Sequence[str], options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Each workload by name or import path, set up once; an unknown one is a ValueError naming it."""
+def load_workloads(specs: Sequence[str], options: dict[str, Any] | None = None) -> dict[str, Workload]:
+    """Each workload by name or import path (not set up yet: the runner does that once per process); a bad spec
+    is one ValueError naming it (:func:`stochopt.bench.workloads.load_workload`)."""
     from stochopt.bench.workloads import load_workload
 
-    workloads = {}
-    for spec in specs:
-        try:
-            workloads[spec] = load_workload(spec, **(options or {}))
-        except ValueError:
-            raise
-        except (ImportError, AttributeError, TypeError) as err:
-            raise ValueError(f"cannot load workload {spec!r}: {err}") from None
-    return workloads
+    return {spec: load_workload(spec, **(options or {})) for spec in specs}
 
 
 def plan(
-    workloads: dict[str, Any], algorithms: Sequence[Algorithm], ruleset: str = "external", trials: int = 5,
+    workloads: dict[str, Workload], algorithms: Sequence[Algorithm], ruleset: str = "external", trials: int = 5,
     studies: int = 1, seed: int = 0, workload_options: dict[str, Any] | None = None,
 ) -> list[StudySpec]:  # fmt: skip
     """One study per (workload, algorithm, study index); self-tuning: 1 trial of the defaults, 3x the steps."""
