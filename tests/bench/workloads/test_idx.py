@@ -88,6 +88,10 @@ def test_mnist_directory_loads_as_the_digits_do(tmp_path, gz, sep):
 def test_missing_files_and_directories_are_named(tmp_path):
     with pytest.raises(ValueError, match="data_dir must be a directory"):
         mnist_idx(tmp_path / "nope")
+    with pytest.raises(ValueError, match="data_dir must be a directory .*nope"):
+        load_workload("digits_mlp", data_dir=tmp_path / "nope")
+    with pytest.raises(ValueError, match="target must be a finite number, got nan"):
+        load_workload("digits_mlp", target=float("nan"))
     with pytest.raises(ValueError, match=r"has no train images file; expected one of \['train-images-idx3-ubyte'"):
         mnist_idx(tmp_path)
 

@@ -6,7 +6,8 @@ package.
 The corpus, ``data/kjv_genesis_to_ruth.txt`` (1,026,921 ASCII bytes), is the King James Version of the Bible from
 Genesis through Ruth, one verse per line without verse numbers, extracted from Debian's ``bible-kjv-text`` 4.38
 package (whose copyright file records the text as out of copyright; the 1611 translation is in the public domain,
-as in its Project Gutenberg edition, eBook #10). It is a file, so it is byte-identical on every Python version.
+as in its Project Gutenberg edition, eBook #10, except in the United Kingdom, where the Crown's letters patent still
+govern printing it). It is a file, so it is byte-identical on every Python version.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,8 @@ class _ImageWorkload(Workload):
     on MNIST means little, so using it anyway gives a warning."""
 
     def __init__(self, data_dir: str | os.PathLike | None = None, target: float | None = None) -> None:
+        if data_dir is not None and not Path(data_dir).is_dir():
+            raise ValueError(f"data_dir must be a directory holding MNIST-style IDX files, got {str(data_dir)!r}")
         self.data_dir = data_dir
         if target is not None:
             if not isinstance(target, (int, float)) or not math.isfinite(target):
