@@ -21,7 +21,7 @@ QUICK = {
     "workloads": ["least_squares", "logistic", "digits_mlp", "autoencoder"],
     "algorithms": ["nadamw", "adamw", "heavy_ball", "lion"],
     "ruleset": "external",
-    "trials": 5,
+    "trials": 4,
     "studies": 1,
 }
 DEFAULT_ALGORITHMS = ["nadamw", "adamw", "heavy_ball", "nesterov", "lion", "lamb", "adafactor"]
