@@ -125,6 +125,16 @@ def test_ctrl_c_inside_a_trial_requeues_it_with_the_same_hyperparameters(tmp_pat
     assert interrupted_lr in {point["lr"] for point, _ in after.values()}
 
 
+def test_changed_target_on_an_existing_storage_is_refused(tmp_path, monkeypatch):
+    from tiny_workloads import TinyClassifier
+
+    db = str(tmp_path / "t.db")
+    run_benchmark([CLASSIFIER], ["heavy_ball"], trials=1, storage=db)
+    monkeypatch.setattr(TinyClassifier, "target", 0.2)
+    with pytest.raises(ValueError, match="defined differently"):
+        run_benchmark([CLASSIFIER], ["heavy_ball"], trials=1, storage=db)
+
+
 KILLED_RUN = """
 import sys
 from stochopt.bench.storage import open_storage

@@ -17,6 +17,7 @@ next trial, so none is run twice. Timings are wall-clock: parallel jobs on a loa
 from __future__ import annotations
 
 import datetime
+import json
 import multiprocessing
 import threading
 import time
@@ -114,17 +115,32 @@ def _init_worker(queue: Any) -> None:
     _QUEUE = queue
 
 
+def definition(spec: StudySpec) -> str:
+    """What a study's trials depend on besides the seed: the target, the budget and the whole algorithm."""
+    a = spec.algorithm
+    return json.dumps([spec.target, spec.max_steps, a.optimizer, a.fixed, a.defaults, sorted(a.search.items()),
+                       a.decay, a.final_lr_ratio, a.sparse_gradients, spec.workload_options], default=repr)  # fmt: skip
+
+
 def create_study(storage: RDBStorage, spec: StudySpec) -> optuna.Study:
+    """Create the study, or load it from an earlier run when it was defined the same way; trials measured against
+    another target, budget or search space cannot be mixed in, so that is an error naming what changed."""
     sampler = optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=spec.seed * 1009 + spec.study,
                                          warn_independent_sampling=False)  # fmt: skip
     study = optuna.create_study(study_name=spec.name, storage=storage, sampler=sampler, load_if_exists=True,
                                 direction="minimize")  # fmt: skip
     attrs = {"ruleset": spec.ruleset, "workload": spec.workload, "algorithm": spec.algorithm.name, "seed": spec.seed,
              "study": spec.study, "trials": spec.trials, "max_steps": spec.max_steps, "target": spec.target,
-             "metric": spec.metric, "optimizer": spec.algorithm.optimizer}  # fmt: skip
-    if study.user_attrs.get("workload") is None:
+             "metric": spec.metric, "optimizer": spec.algorithm.optimizer, "definition": definition(spec)}  # fmt: skip
+    stored = study.user_attrs.get("definition")
+    if stored is None:
         for key, value in attrs.items():
             study.set_user_attr(key, value)
+    elif stored != attrs["definition"]:
+        raise ValueError(
+            f"the storage already holds study {spec.name!r} defined differently (target, budget or search space "
+            f"changed: stored {stored}, now {attrs['definition']}); use another --storage, or delete that one"
+        )
     return study
 
 
