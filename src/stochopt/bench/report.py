@@ -172,7 +172,7 @@ def write_report(result: BenchmarkResult, out: str | Path) -> Path:
         "<!doctype html><html><head><meta charset='utf-8'><title>stochopt benchmark report</title><style>"
         "body{font-family:sans-serif;max-width:60em;margin:auto}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:.2em .6em;text-align:right}</style></head><body>"
-        f"<h1>stochopt benchmark report</h1><p>{html.escape(intro).replace('**', '')}</p>"
+        f"<h1>stochopt benchmark report</h1><p>{html.escape(intro.replace('**', '').replace('`', ''))}</p>"
         f"<h2>Time to target</h2>{html_table(header, rows)}<h2>Scores</h2>{html_table(['', *header[1:]], score_rows)}"
         "<h2>Performance profiles</h2><img src='profiles.png' alt='performance profiles'>"
         "<h2>Validation curves</h2>" + "".join(f"<img src='{n}' alt='{html.escape(w)}'>" for w, n in images)
