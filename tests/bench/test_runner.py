@@ -65,3 +65,27 @@ def test_bring_your_own_optimizer_by_import_path():
     algorithm = load_algorithm("tiny_workloads:SignDescent")
     result = run_trial(workload, algorithm, algorithm.point({"lr": 0.05}), 0, 40, workload.target)
     assert result.reached
+
+
+def test_batch_size_clipping_and_constant_schedule_from_the_search_space(regression, tmp_path):
+    import torch
+
+    space = tmp_path / "clipped_sgd.json"
+    space.write_text('{"optimizer": "torch.optim.SGD", "schedule": {"decay": "constant"}, '
+                     '"defaults": {"lr": 0.1, "clip_norm": 0.001, "batch_size": 7, "warmup_fraction": 0.0}}')  # fmt: skip
+    algorithm = load_algorithm(str(space))
+    result = run_trial(regression, algorithm, algorithm.point(), 11, 2)
+    # the same two steps by hand: 7-example batches, gradient norm clipped to 1e-3, plain SGD at a constant lr
+    model = regression.init_model(11)
+    batches = regression.train_batches(7, 11)
+    for _ in range(2):
+        x, y = next(batches)
+        assert x.shape[0] == 7
+        model.zero_grad()
+        regression.loss(model, (x, y)).backward()
+        grads = [p.grad for p in model.parameters()]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        with torch.no_grad():
+            for p, g in zip(model.parameters(), grads):
+                p -= 0.1 * g * min(1.0, 0.001 / (float(norm) + 1e-6))
+    assert result.curve[-1][2] == pytest.approx(regression.evaluate(model), rel=1e-6)
