@@ -71,8 +71,8 @@ def test_batch_size_clipping_and_constant_schedule_from_the_search_space(regress
     import torch
 
     space = tmp_path / "clipped_sgd.json"
-    space.write_text('{"optimizer": "torch.optim.SGD", "schedule": {"decay": "constant"}, '
-                     '"defaults": {"lr": 0.1, "clip_norm": 0.001, "batch_size": 7, "warmup_fraction": 0.0}}')  # fmt: skip
+    defaults = '{"lr": 0.1, "clip_norm": 0.001, "batch_size": 7, "warmup_fraction": 0.0}'
+    space.write_text(f'{{"optimizer": "torch.optim.SGD", "schedule": {{"decay": "constant"}}, "defaults": {defaults}}}')
     algorithm = load_algorithm(str(space))
     result = run_trial(regression, algorithm, algorithm.point(), 11, 2)
     # the same two steps by hand: 7-example batches, gradient norm clipped to 1e-3, plain SGD at a constant lr
