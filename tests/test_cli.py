@@ -42,3 +42,14 @@ def test_model_like_shapes_scale() -> None:
     total = sum(a * (b[0] if b else 1) for a, *b in shapes)
     assert 45 <= len(shapes) <= 55 and abs(total - 30_000_000) / 30_000_000 < 0.05
     assert any(len(s) == 1 for s in shapes) and max(a for a, *_ in shapes) >= 10_000
+
+
+def test_speed_matrix_times_shampoo_and_muon_beside_adam_and_torch_muon(tmp_path, capsys) -> None:
+    path = tmp_path / "matrix.json"
+    assert main(["speed", "--matrix", "--params", "20000", "--steps", "10", "--json", str(path)]) == 0
+    rows = {(r["optimizer"], r["library"]): r for r in json.loads(path.read_text())["results"]}
+    assert set(rows) == {("adamw", "torch"), ("adam", "stochopt"), ("muon", "torch"), ("muon", "stochopt"),
+                         ("muon", "stochopt-bf16"), ("shampoo", "stochopt")}  # fmt: skip
+    assert rows[("adamw", "torch")]["ratio_to_torch_fused_adamw"] == 1.0
+    assert all(r["step_ms"] > 0 for r in rows.values())
+    assert "recomputes its roots every 10 steps" in capsys.readouterr().out

@@ -7,6 +7,7 @@ from stochopt.optim import (
     AdaBound,
     Adadelta,
     Adafactor,
+    AdaFisher,
     Adagrad,
     Adam,
     AdamW,
@@ -15,12 +16,16 @@ from stochopt.optim import (
     LazyAdam,
     Lion,
     Lookahead,
+    Muon,
     NAdam,
+    Newton,
     QHAdam,
     RAdam,
     Ranger,
     RMSprop,
+    Shampoo,
     gradient_centralization,
+    muon_param_groups,
 )
 from stochopt.registry import create_optimizer, list_optimizers, optimizer_entry, register
 from stochopt.training import EMA, SWA
@@ -32,4 +37,5 @@ __all__ = [
     "RAdam", "RMSprop", "Lamb", "Lars", "Adafactor", "Ranger", "Lookahead", "gradient_centralization",
     "SWA", "EMA", "EngineOptimizer", "NonFiniteGradientError", "create_optimizer", "list_optimizers",
     "optimizer_entry", "register", "__version__",
+    "Shampoo", "Muon", "AdaFisher", "muon_param_groups", "Newton",
 ]  # fmt: skip

@@ -20,6 +20,15 @@ def _list(args: argparse.Namespace) -> int:
 def _speed(args: argparse.Namespace) -> int:
     from stochopt.speed import as_json, format_table, run_speed
 
+    if args.matrix:
+        from stochopt.speed_matrix import format_matrix_table, run_matrix_speed
+
+        results, total = run_matrix_speed(args.params, args.steps, progress=lambda m: print(m, file=sys.stderr))
+        print(format_matrix_table(results, total))
+        if args.json:
+            Path(args.json).write_text(json.dumps(as_json(results, total), indent=2))
+            print(f"wrote {args.json}")
+        return 0
     names = [n.strip() for n in args.optimizers.split(",")] if args.optimizers else None
     results, total = run_speed(
         names, args.params, steps=args.steps, warmup=args.warmup, progress=lambda m: print(m, file=sys.stderr)
@@ -182,6 +191,34 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ddp(args: argparse.Namespace) -> int:
+    from stochopt.distributed import DDPPlan, DistributedError, LaunchConfig, free_port, parse_method
+    from stochopt.distributed.train import format_table, parse_options, run_ddp, write_results
+
+    if args.optimizer_options is None:
+        options = {"momentum": 0.9} if args.optimizer == "sgd" else {}
+    else:
+        options = parse_options(args.optimizer_options, "--optimizer-options")
+    plan = DDPPlan(
+        [parse_method(spec) for spec in args.compression.split(";") if spec.strip()], optimizer=args.optimizer,
+        optimizer_options={"lr": args.lr, **options}, steps=args.steps, batch_size=args.batch_size,
+        hidden=args.hidden, seed=args.seed, eval_every=args.eval_every, zero=args.zero,
+    )  # fmt: skip
+    port = args.master_port if args.master_port is not None else free_port(args.master_addr)
+    config = LaunchConfig(args.nproc, args.master_addr, port, args.timeout)
+    try:
+        results = run_ddp(plan, config, verbose=not args.quiet)
+    except DistributedError as err:
+        print(f"stochopt: error: {err}", file=sys.stderr)
+        return 1
+    if results is None:  # not rank 0 of a torchrun launch
+        return 0
+    print(format_table(results))
+    for path in write_results(results, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stochopt", description="stochastic optimizers for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -198,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="untimed steps after the first (default 7, past kernels that switch on later: Ranger syncs every 6)",
     )
     p_speed.add_argument("--json", metavar="PATH", help="also write the measurements as JSON")
+    p_speed.add_argument(
+        "--matrix", action="store_true",
+        help="amortized step of Shampoo and Muon beside Adam and torch.optim.Muon, on matrices (--params 3e6 is a "
+        "good size)",
+    )  # fmt: skip
     p_speed.set_defaults(func=_speed)
 
     from stochopt.training.schedules import SCHEDULES
@@ -281,6 +323,34 @@ def build_parser() -> argparse.ArgumentParser:
     p_report.add_argument("--ruleset", default="external", choices=["external", "self"])
     p_report.add_argument("--out", default="stochopt-report", help="report folder (default stochopt-report)")
     p_report.set_defaults(func=_report)
+
+    p_ddp = sub.add_parser(
+        "ddp", help="data-parallel digits MLP with gradient compression beside uncompressed DDP: loss, bytes, time",
+        description="Spawns --nproc gloo processes, or runs as one rank under "
+        "`torchrun --nproc-per-node N -m stochopt.cli ddp ...`.",
+    )  # fmt: skip
+    p_ddp.add_argument(
+        "--compression", default="topk:density=0.01;randomk:density=0.01;sign;powersgd:rank=2",
+        help="';'-separated name:key=value,... of none, topk, randomk, sign, powersgd (uncompressed 'none' is "
+        "always run too; default: %(default)s)",
+    )  # fmt: skip
+    p_ddp.add_argument("--nproc", type=int, default=2, help="processes to spawn (default 2; torchrun: its own)")
+    p_ddp.add_argument("--optimizer", default="sgd", help="a registered optimizer (default sgd)")
+    p_ddp.add_argument("--lr", type=float, default=0.1, help="learning rate (default 0.1)")
+    p_ddp.add_argument("--optimizer-options", help="key=value,... (default: momentum=0.9 for sgd, else none)")
+    p_ddp.add_argument("--steps", type=int, default=300)
+    p_ddp.add_argument("--batch-size", type=int, default=32, help="per process (default 32)")
+    p_ddp.add_argument("--hidden", type=int, default=256, help="MLP width (default 256)")
+    p_ddp.add_argument("--seed", type=int, default=0)
+    p_ddp.add_argument("--eval-every", type=int, default=10, help="steps between training-set losses (default 10)")
+    p_ddp.add_argument("--zero", action="store_true", help="shard the optimizer state (ZeroRedundancyOptimizer)")
+    p_ddp.add_argument("--master-addr", default="127.0.0.1")
+    p_ddp.add_argument("--master-port", type=int, help="default: a free port")
+    p_ddp.add_argument("--timeout", type=float, default=60.0,
+                       help="seconds a rank waits for the others before failing (default 60)")  # fmt: skip
+    p_ddp.add_argument("--out", default="ddp_results", help="folder for JSON, CSV and the plot (default ddp_results)")
+    p_ddp.add_argument("--quiet", action="store_true", help="no progress lines")
+    p_ddp.set_defaults(func=_ddp)
     return parser
 
 

@@ -44,15 +44,25 @@ def optimizer_entry(name: str) -> OptimizerEntry:
         raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(_REGISTRY)}") from None
 
 
+def params_for_module(cls: type[Optimizer], model: nn.Module) -> Any:
+    """What ``cls`` is built with when it is given a model: the class's own ``params_from_module(model)``
+    where it defines that hook (Muon: :func:`stochopt.muon_param_groups`, so that embeddings and the output head
+    go to AdamW; AdaFisher: the model itself, for its layer hooks); else :func:`stochopt.training.param_groups`
+    for optimizers with a ``weight_decay`` (no decay for biases, norm weights and embeddings); else the
+    model's parameters."""
+    hook = getattr(cls, "params_from_module", None)
+    if hook is not None:
+        return hook(model)
+    return param_groups(model) if "weight_decay" in inspect.signature(cls).parameters else model.parameters()
+
+
 def create_optimizer(name: str, params: Any, **hyperparameters: Any) -> Optimizer:
     """``create_optimizer("adamw", model.parameters(), lr=3e-4)``: the registered class, built with these.
 
-    ``params`` may be the model itself: then optimizers with a ``weight_decay`` get
-    :func:`stochopt.training.param_groups` (no decay for biases, norm weights and embeddings)."""
+    ``params`` may be the model itself: see :func:`params_for_module`."""
     entry = optimizer_entry(name)
     if isinstance(params, nn.Module):
-        decays = "weight_decay" in inspect.signature(entry.cls).parameters
-        params = param_groups(params) if decays else params.parameters()
+        params = params_for_module(entry.cls, params)
     try:
         return entry.cls(params, **hyperparameters)
     except TypeError as err:
@@ -93,5 +103,11 @@ for _name, _cls, _summary, _reference in [
      "Shazeer & Stern 2018, arXiv:1804.04235"),
     ("ranger", optim.Ranger, "RAdam inside Lookahead on centralized gradients, one kernel",
      "Wright 2019; Liu et al. 2020; Zhang et al. 2019; Yong et al. 2020"),
+    ("shampoo", optim.Shampoo, "Kronecker-factored L^-1/4 G R^-1/4 per matrix block, grafted to a diagonal step's norm",
+     "Gupta, Koren & Singer 2018, arXiv:1802.09568; Anil et al. 2020, arXiv:2002.09018"),
+    ("muon", optim.Muon, "Nesterov momentum orthogonalized by Newton-Schulz for matrices; AdamW for the rest",
+     "Jordan et al. 2024, kellerjordan.github.io/posts/muon; Liu et al. 2025, arXiv:2502.16982"),
+    ("adafisher", optim.AdaFisher, "momentum over the diagonal of a Kronecker-factored Fisher (Linear, Conv2d)",
+     "Gomes et al. 2025, ICLR, arXiv:2405.16397"),
 ]:  # fmt: skip
     register(_name, _cls, _summary, _reference)

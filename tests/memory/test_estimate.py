@@ -42,11 +42,27 @@ def test_every_registered_optimizer_state_is_exact(name, dtype):
     model = Net().to(dtype)
     hp = CONTRACT_HP[name]
     est = estimate(name, module=model, precision="fp32" if dtype == torch.float32 else "bf16", hyperparameters=hp)
-    opt = stochopt.create_optimizer(name, model.parameters(), **hp)
+    # optimizers that build their groups from the model (AdaFisher's layer hooks, Muon's rule) get it, as the
+    # estimator does; the others its params
+    reads_model = hasattr(stochopt.optimizer_entry(name).cls, "params_from_module")
+    opt = stochopt.create_optimizer(name, model if reads_model else model.parameters(), **hp)
     assert est.optimizer_state == measured_state_bytes(opt, model)
     assert est.params == sum(p.nbytes for p in model.parameters()) == est.grads
     assert est.grads == sum(p.grad.nbytes for p in model.parameters())
     assert est.num_params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_adafisher_with_its_model_is_exact(dtype):
+    """AdaFisher(model) keeps factor diagonals for Linear/Conv2d layers and Adam's moments for the rest."""
+    torch.manual_seed(0)
+    model = Net().to(dtype)
+    est = estimate("adafisher", module=model, precision="fp32" if dtype == torch.float32 else "bf16")
+    opt = stochopt.AdaFisher(model)
+    assert opt.param_groups[0]["kronecker"] and len(opt.param_groups[0]["params"]) == 2  # the head's W and b
+    assert est.optimizer_state == measured_state_bytes(opt, model)
+    precision = "fp32" if dtype == torch.float32 else "bf16"
+    assert est.optimizer_state < estimate("adam", module=model, precision=precision).optimizer_state  # factors
 
 
 TORCH_CASES = [

@@ -6,13 +6,17 @@ reads it; there is no second list of state to keep in sync.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-Shape = Literal["param", "scalar", "row", "col"]
+#: A named shape rule, or a function of the parameter's shape giving the state tensor's shape (the blocks of
+#: Shampoo's preconditioners, the factor diagonals of AdaFisher): the estimator reads either the same way.
+ShapeRule = Callable[[torch.Size], tuple[int, ...]]
+Shape = Literal["param", "scalar", "row", "col"] | ShapeRule
 DType = Literal["state", "param", "scalar"]
 Applies = Literal["all", "matrix", "vector"]
 
@@ -23,13 +27,15 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 class StateSpec:
     """One state tensor.
 
-    ``shape``: ``"param"`` (like the parameter), ``"scalar"`` (0-d, kept on the CPU as torch.optim keeps its
-    scalar state), ``"row"``/``"col"`` (the parameter's shape with the last / second-to-last dimension reduced
-    to 1: factored statistics of a matrix). ``applies``: ``"matrix"`` for parameters of two or more dimensions
-    only, ``"vector"`` for the others only. ``dtype``: ``"state"`` follows the optimizer's state dtype (float32
-    for float16/bfloat16 parameters unless ``state_dtype`` says otherwise), ``"param"`` the parameter's dtype,
-    ``"scalar"`` torch.optim's dtype for scalar state (float64 when the default dtype is float64, else float32).
-    ``init``: the value the tensor starts from, or ``"param"`` for a copy of the parameter.
+        ``shape``: ``"param"`` (like the parameter), ``"scalar"`` (0-d, kept on the CPU as torch.optim keeps its
+        scalar state), ``"row"``/``"col"`` (the parameter's shape with the last / second-to-last dimension reduced
+        to 1: factored statistics of a matrix), or a function of the parameter's shape (a ``ShapeRule``, for state
+    that is neither, such as matrix preconditioners; make it a module-level function or a frozen dataclass so that
+    layouts compare equal). ``applies``: ``"matrix"`` for parameters of two or more dimensions
+        only, ``"vector"`` for the others only. ``dtype``: ``"state"`` follows the optimizer's state dtype (float32
+        for float16/bfloat16 parameters unless ``state_dtype`` says otherwise), ``"param"`` the parameter's dtype,
+        ``"scalar"`` torch.optim's dtype for scalar state (float64 when the default dtype is float64, else float32).
+        ``init``: the value the tensor starts from, or ``"param"`` for a copy of the parameter.
     """
 
     name: str
@@ -63,6 +69,8 @@ def spec_dtype(spec: StateSpec, param: Tensor, state_dtype: torch.dtype | None) 
 
 
 def spec_shape(spec: StateSpec, param: Tensor) -> torch.Size:
+    if callable(spec.shape):
+        return torch.Size(spec.shape(param.shape))
     if spec.shape == "scalar":
         return torch.Size([])
     shape = list(param.shape)

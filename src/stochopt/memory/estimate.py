@@ -18,7 +18,7 @@ from torch import nn
 
 from stochopt.engine import checks
 from stochopt.engine.layout import state_nbytes
-from stochopt.memory.layouts import optimizer_layout
+from stochopt.memory.layouts import module_layouts, optimizer_layout
 
 PRECISIONS = ("fp32", "mixed", "bf16")  # mixed: 16-bit weights and gradients, float32 master weights and state
 CHECKPOINTING = ("none", "selective", "full")
@@ -178,6 +178,7 @@ def estimate(
 
     weight_dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     activations = 0
+    per_param = None  # layouts per parameter, for optimizers whose state depends on the layer (AdaFisher)
     if num_params is not None:
         shapes = [(checks.count("num_params", int(num_params), 1),)]
         notes.append("num_params is taken as one flat tensor: layouts that treat matrices apart need shapes")
@@ -187,6 +188,7 @@ def estimate(
     else:
         model = load_module(module) if isinstance(module, str) else module
         shapes = [tuple(p.shape) for p in model.parameters()]
+        per_param = module_layouts(optimizer, model, **(hyperparameters or {}))
         if example_input is not None:
             activations = measure_activations(model, example_input)
             notes.append("activations measured by one forward pass of example_input, in the module's dtype")
@@ -199,7 +201,8 @@ def estimate(
     metas = [torch.empty(shape, dtype=step_dtype, device="meta") for shape in shapes]
     n = sum(p.numel() for p in metas)
     weight_bytes = n * _itemsize(weight_dtype)
-    state = sum(state_nbytes(layout, p, state_dtype) for p in metas)
+    layouts = per_param if per_param is not None else [layout] * len(metas)
+    state = sum(state_nbytes(each, p, state_dtype) for each, p in zip(layouts, metas))
     masters = 4 * n if precision == "mixed" else 0
     buffers = 0 if devices == 1 else (4 * n if bucket_bytes is None else checks.count("bucket_bytes", bucket_bytes, 1))
 

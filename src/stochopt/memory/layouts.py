@@ -62,3 +62,21 @@ def optimizer_layout(optimizer: str, **hyperparameters: Any) -> tuple[str, Layou
     probe = entry.cls([torch.zeros(2, 2, requires_grad=True)], **hyperparameters)
     group = probe.param_groups[0]
     return entry.name, tuple(probe._layout(group)), group.get("state_dtype")
+
+
+def module_layouts(optimizer: str, model: torch.nn.Module, **hyperparameters: Any) -> list[Layout] | None:
+    """One layout per parameter of ``model`` (in ``model.parameters()`` order) for a registered optimizer that
+    builds its groups from the model (``params_from_module``: AdaFisher gives its Linear/Conv2d layers other
+    state than the rest, Muon gives embeddings and the head AdamW's); None for every other optimizer, whose one
+    layout serves all parameters."""
+    if optimizer.startswith(("torch.optim.", "torch:")):
+        return None
+    entry = optimizer_entry(optimizer)
+    hook = getattr(entry.cls, "params_from_module", None)
+    if hook is None:
+        return None
+    probe = entry.cls(hook(model), **hyperparameters)
+    if hasattr(probe, "remove_hooks"):
+        probe.remove_hooks()  # the probe only reads the groups; the model must not keep AdaFisher's hooks
+    by_param = {id(p): tuple(probe._layout(group)) for group in probe.param_groups for p in group["params"]}
+    return [by_param.get(id(p), ()) for p in model.parameters()]
