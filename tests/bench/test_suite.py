@@ -248,3 +248,9 @@ def test_a_registered_workload_by_name_through_the_cli(tmp_path, capsys):
     code = main(["bench", "--workloads", "online_convex", "--algorithms", "heavy_ball", "--ruleset", "self",
                  "--storage", str(tmp_path / "o.db"), "--out", str(tmp_path / "o")])  # fmt: skip
     assert code == 0 and "online_convex" in capsys.readouterr().out
+
+
+def test_report_of_an_empty_storage_is_one_message(tmp_path, capsys):
+    assert main(["report", "--storage", str(tmp_path / "empty.db"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "no finished 'external' trials" in err and "Traceback" not in err
