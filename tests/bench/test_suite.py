@@ -159,8 +159,8 @@ def test_a_run_killed_with_sigkill_is_resumed_by_the_next(tmp_path):
                 continue
         completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert len(completed) >= 2
+    assert proc.wait() == -signal.SIGKILL  # killed in the middle, not finished
+    assert 2 <= len(completed) < 6
     storage = open_storage(db, heartbeat=1, grace=2)
     before = finished(load_records(storage))
     running = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
