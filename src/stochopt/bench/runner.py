@@ -8,6 +8,7 @@ failed: an infinite time, not a crash.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import torch
 
 from stochopt.bench.algorithms import Algorithm, build_optimizer
 from stochopt.bench.workloads.base import Workload
+from stochopt.optim import SGD
 from stochopt.training.schedules import WarmupDecayLR, WarmupStableDecayLR
 
 #: ``progress(step, max_steps)``, called every few steps and at each evaluation
@@ -48,6 +50,17 @@ class TrialResult:
         return asdict(self)
 
 
+@functools.cache
+def warm_up() -> None:
+    """Pay once per process what no algorithm should be charged for: the first optimizer built in a process
+    imports torch's compiler stack (``add_param_group`` is wrapped by ``torch._disable_dynamo``; about 2 s), which
+    would otherwise land on whichever algorithm happens to run first."""
+    for cls in (torch.optim.SGD, SGD):
+        param = torch.zeros(1, requires_grad=True)
+        param.grad = torch.ones(1)
+        cls([param], lr=0.1).step()
+
+
 def _scheduler(algorithm: Algorithm, optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps: int):
     if algorithm.decay == "constant":
         return WarmupStableDecayLR(optimizer, warmup_steps, max_steps, 0)
@@ -60,6 +73,7 @@ def run_trial(
 ) -> TrialResult:  # fmt: skip
     """Train from a fresh model until ``workload.evaluate`` <= ``target`` or ``max_steps``; ``target=None`` never
     stops early (calibration). ``workload.setup()`` must have run. Same seed, same curve (on the CPU)."""
+    warm_up()
     torch.manual_seed(seed)
     model = workload.init_model(seed, sparse=algorithm.sparse_gradients)
     start = time.perf_counter()  # the algorithm's own set-up is part of its time
