@@ -115,6 +115,82 @@ def _viz(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from stochopt.bench.progress import RichProgress
+    from stochopt.bench.report import tables, write_report
+    from stochopt.bench.suite import DEFAULT_ALGORITHMS, QUICK
+
+    def names(values: list[str] | None) -> list[str] | None:
+        return [n.strip() for v in values for n in v.split(",") if n.strip()] if values else None
+
+    options = {}
+    for item in args.option or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--option must be KEY=VALUE, got {item!r}")
+        options[key] = value
+    if args.action == "calibrate":
+        from stochopt.bench.calibrate import calibrate
+        from stochopt.bench.workloads import WORKLOADS
+
+        try:
+            with RichProgress() as progress:
+                targets = calibrate(
+                    names(args.workloads) or list(WORKLOADS), _given(args.trials, 5), _given(args.studies, 3),
+                    args.seed, args.storage, args.jobs, progress, args.targets,
+                )  # fmt: skip
+        except KeyboardInterrupt:
+            print(f"interrupted; finished trials are kept in {args.storage}: rerun to resume", file=sys.stderr)
+            return 130
+        for name, entry in targets.items():
+            print(f"{name:<16} target {entry['target']:.6g}   {entry['source']}")
+        return 0
+
+    from stochopt.bench.suite import run_benchmark
+
+    quick = QUICK if args.quick else {}
+    try:
+        with RichProgress() as progress:
+            result = run_benchmark(
+                names(args.workloads) or quick.get("workloads") or _all_workloads(),
+                names(args.algorithms) or quick.get("algorithms") or DEFAULT_ALGORITHMS,
+                args.ruleset or quick.get("ruleset", "external"), _given(args.trials, quick.get("trials", 5)),
+                _given(args.studies, quick.get("studies", 1)), args.storage, args.jobs, args.seed, progress, options,
+            )  # fmt: skip
+    except KeyboardInterrupt:
+        print(f"interrupted; finished trials are kept in {args.storage}: rerun the same command to resume",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    header, rows, score_rows = tables(result)
+    table = Table(*header, title=f"time to target ({result.ruleset} tuning): seconds (steps)")
+    for row in rows + score_rows:
+        table.add_row(*row)
+    Console().print(table)
+    print(f"wrote {write_report(result, args.out)}")
+    return 0
+
+
+def _given(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
+def _all_workloads() -> list[str]:
+    from stochopt.bench.workloads import WORKLOADS
+
+    return list(WORKLOADS)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from stochopt.bench.report import write_report
+    from stochopt.bench.suite import load_result
+
+    print(f"wrote {write_report(load_result(args.storage, args.ruleset), args.out)}")
+    return 0
+
+
 def _ddp(args: argparse.Namespace) -> int:
     from stochopt.distributed import DDPPlan, DistributedError, LaunchConfig, free_port, parse_method
     from stochopt.distributed.train import format_table, parse_options, run_ddp, write_results
@@ -213,6 +289,40 @@ def build_parser() -> argparse.ArgumentParser:
     p_viz.add_argument("--gif", help="also an animation")
     p_viz.add_argument("--loss-png", help="also f - f* against steps")
     p_viz.set_defaults(func=_viz)
+
+    p_bench = sub.add_parser("bench", help="AlgoPerf-style benchmark: time to a validation target, scored by profiles")
+    p_bench.add_argument(
+        "action",
+        nargs="?",
+        default="run",
+        choices=["run", "calibrate"],
+        help="run the suite (default), or calibrate: set the workloads' targets from the baselines",
+    )
+    p_bench.add_argument("--quick", action="store_true", help="a few algorithms on the fast workloads (minutes)")
+    p_bench.add_argument("--workloads", nargs="+", help="names or package.module:Class (default: all)")
+    p_bench.add_argument("--algorithms", nargs="+",
+                         help="shipped search spaces (nadamw, adamw, ...), SPACE.toml, optimizer names or import paths "
+                         "(torch.optim.AdamW, package.module:Class)")  # fmt: skip
+    p_bench.add_argument("--ruleset", choices=["external", "self"], help="external tuning (default) or self-tuning")
+    p_bench.add_argument("--trials", type=int, help="trials per study (external tuning; default 5)")
+    p_bench.add_argument("--studies", type=int, help="studies per workload and algorithm (default 1; calibrate 3)")
+    p_bench.add_argument(
+        "--storage",
+        default="stochopt-bench.db",
+        help="SQLite file or SQLAlchemy URL, e.g. postgresql://host/db (default stochopt-bench.db)",
+    )
+    p_bench.add_argument("--jobs", type=int, default=1, help="trials run in parallel processes (default 1)")
+    p_bench.add_argument("--seed", type=int, default=0)
+    p_bench.add_argument("--option", action="append", metavar="KEY=VALUE", help="workload option, e.g. data_dir=...")
+    p_bench.add_argument("--out", default="stochopt-report", help="report folder (default stochopt-report)")
+    p_bench.add_argument("--targets", help="calibrate: the targets file to update (default: the shipped one)")
+    p_bench.set_defaults(func=_bench)
+
+    p_report = sub.add_parser("report", help="Markdown/HTML report with plots, CSV and JSON from the benchmark storage")
+    p_report.add_argument("--storage", default="stochopt-bench.db", help="SQLite file or SQLAlchemy URL")
+    p_report.add_argument("--ruleset", default="external", choices=["external", "self"])
+    p_report.add_argument("--out", default="stochopt-report", help="report folder (default stochopt-report)")
+    p_report.set_defaults(func=_report)
 
     p_ddp = sub.add_parser(
         "ddp", help="data-parallel digits MLP with gradient compression beside uncompressed DDP: loss, bytes, time",

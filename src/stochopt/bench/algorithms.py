@@ -1,0 +1,215 @@
+"""Algorithms as data: an optimizer, its hyperparameters, its schedule, and a search space, read from one file.
+
+A search-space file (TOML, or JSON with the same keys) describes one algorithm::
+
+    description = "NAdamW, the AlgoPerf baseline"
+    optimizer = "nadam"                  # a registered name, torch.optim.AdamW, or package.module:Class
+    sparse_gradients = false             # ask the workload for sparse embedding gradients (LazyAdam)
+    [fixed]                              # passed to the optimizer unchanged, never tuned
+    decoupled_weight_decay = true
+    [schedule]                           # stochopt.training.WarmupDecayLR: linear warmup, then decay
+    decay = "cosine"                     # cosine | linear | sqrt | constant
+    final_lr_ratio = 0.0
+    [defaults]                           # self-tuning ruleset: these values; external tuning: untuned keys
+    lr = 2e-3
+    one_minus_beta1 = 0.1
+    [search]                             # external tuning: quasirandom search over these ranges
+    lr = { low = 1e-4, high = 3e-2, log = true }
+
+Hyperparameter names are the optimizer's keyword arguments, with three conveniences: ``one_minus_X`` is tuned on
+its own (log) scale and passed as ``X = 1 - value``; ``beta1``/``beta2`` become ``betas=(beta1, beta2)`` when the
+optimizer takes ``betas``; and the runner's own knobs ``warmup_fraction``, ``batch_size`` and ``clip_norm``
+(gradient-norm clipping, ``torch.nn.utils.clip_grad_norm_``) are not passed to the optimizer.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.resources
+import inspect
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from torch.optim import Optimizer
+
+from stochopt.training.param_groups import param_groups
+
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+#: hyperparameters the runner consumes itself rather than passing to the optimizer
+RUNNER_KEYS = ("warmup_fraction", "batch_size", "clip_norm")
+DECAYS = ("cosine", "linear", "sqrt", "constant")
+#: the AlgoPerf baselines: targets are calibrated with these, speed-ups are reported against the first
+BASELINES = ("nadamw", "adamw", "heavy_ball", "nesterov")
+#: used for an optimizer given by import path without a search-space file
+GENERIC_SEARCH = {"lr": {"low": 1e-4, "high": 1e-1, "log": True}}
+
+
+@dataclass(frozen=True)
+class Range:
+    """One searched hyperparameter: uniform on [low, high], or log-uniform when ``log``; ``integer`` rounds."""
+
+    low: float
+    high: float
+    log: bool = False
+    integer: bool = False
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """A training algorithm: optimizer class (by spec), fixed options, schedule, defaults and search space."""
+
+    name: str
+    optimizer: str
+    description: str = ""
+    fixed: dict[str, Any] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)
+    search: dict[str, Range] = field(default_factory=dict)
+    decay: str = "cosine"
+    final_lr_ratio: float = 0.0
+    sparse_gradients: bool = False
+    source: str = ""
+
+    def point(self, searched: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Defaults overridden by ``searched`` values: one full hyperparameter point."""
+        return {**self.defaults, **(searched or {})}
+
+
+def resolve_optimizer(spec: str) -> type[Optimizer]:
+    """A registered name (``adamw``), a dotted path (``torch.optim.AdamW``) or ``package.module:Class``."""
+    from stochopt.registry import list_optimizers, optimizer_entry
+
+    if ":" not in spec and "." not in spec:
+        if spec.lower() in list_optimizers():
+            return optimizer_entry(spec).cls
+        raise ValueError(
+            f"unknown optimizer {spec!r}: not a registered name ({', '.join(list_optimizers())}) "
+            "nor an import path such as torch.optim.AdamW or package.module:Class"
+        )
+    module_name, _, attr = spec.partition(":") if ":" in spec else spec.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot import optimizer {spec!r}: {err}") from None
+    if not (isinstance(obj, type) and issubclass(obj, Optimizer)):
+        raise ValueError(f"optimizer {spec!r} is {obj!r}, not a torch.optim.Optimizer subclass")
+    return obj
+
+
+def optimizer_kwargs(cls: type[Optimizer], point: dict[str, Any], fixed: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments for ``cls``: ``one_minus_X`` -> ``X``, ``beta1/beta2`` -> ``betas``, runner keys out."""
+    kwargs: dict[str, Any] = dict(fixed)
+    for key, value in point.items():
+        if key in RUNNER_KEYS:
+            continue
+        if key.startswith("one_minus_"):
+            kwargs[key.removeprefix("one_minus_")] = 1.0 - value
+        else:
+            kwargs[key] = value
+    signature = inspect.signature(cls).parameters
+    if "betas" in signature and ("beta1" in kwargs or "beta2" in kwargs):
+        default = signature["betas"].default
+        default = default if isinstance(default, tuple) else (0.9, 0.999)
+        kwargs["betas"] = (kwargs.pop("beta1", default[0]), kwargs.pop("beta2", default[1]))
+    return kwargs
+
+
+def build_optimizer(algorithm: Algorithm, model: nn.Module, point: dict[str, Any]) -> Optimizer:
+    """The algorithm's optimizer over ``model``; biases, norm weights and embeddings get no weight decay when the
+    optimizer has one (:func:`stochopt.training.param_groups`), as in the registry's ``create_optimizer``."""
+    cls = resolve_optimizer(algorithm.optimizer)
+    kwargs = optimizer_kwargs(cls, point, algorithm.fixed)
+    decays = "weight_decay" in inspect.signature(cls).parameters
+    params = param_groups(model) if decays else model.parameters()
+    try:
+        return cls(params, **kwargs)
+    except TypeError as err:
+        raise ValueError(f"algorithm {algorithm.name!r} ({algorithm.source}): {cls.__name__}: {err}") from None
+
+
+def shipped_algorithms() -> list[str]:
+    """Names of the search-space files that ship with stochopt (``stochopt/bench/spaces/*.toml``)."""
+    folder = importlib.resources.files("stochopt.bench") / "spaces"
+    return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_algorithm(spec: str) -> Algorithm:
+    """A shipped algorithm name (``nadamw``), a search-space file (``my_space.toml`` / ``.json``), or an optimizer
+    (registered name or import path) with its own defaults and a generic log-uniform learning-rate range."""
+    if spec.endswith((".toml", ".json")):
+        path = Path(spec)
+        if not path.is_file():
+            raise ValueError(f"search-space file {spec!r} does not exist")
+        return parse_space(path.read_text(), name=path.stem, source=str(path))
+    if spec in shipped_algorithms():
+        resource = importlib.resources.files("stochopt.bench") / "spaces" / f"{spec}.toml"
+        return parse_space(resource.read_text(), name=spec, source=f"stochopt/bench/spaces/{spec}.toml")
+    resolve_optimizer(spec)  # a clear error now rather than in the middle of a run
+    return Algorithm(name=spec, optimizer=spec, description=f"{spec} with its own defaults",
+                     search={k: Range(**v) for k, v in GENERIC_SEARCH.items()},
+                     defaults={"warmup_fraction": 0.05}, source="generic search space")  # fmt: skip
+
+
+def parse_space(text: str, name: str, source: str) -> Algorithm:
+    """Parse one search-space file; any problem is one ValueError naming the file and the problem."""
+
+    def fail(problem: str) -> ValueError:
+        return ValueError(f"search space {source}: {problem}")
+
+    try:
+        data = json.loads(text) if source.endswith(".json") else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
+        raise fail(f"does not parse: {err}") from None
+    known = {"description", "optimizer", "sparse_gradients", "fixed", "schedule", "defaults", "search"}
+    if unknown := set(data) - known:
+        raise fail(f"unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    if not isinstance(data.get("optimizer"), str):
+        raise fail("needs optimizer = NAME (a registered name or an import path)")
+    for table in ("fixed", "schedule", "defaults", "search"):
+        if not isinstance(data.get(table, {}), dict):
+            raise fail(f"[{table}] must be a table")
+    schedule = data.get("schedule", {})
+    if unknown := set(schedule) - {"decay", "final_lr_ratio"}:
+        raise fail(f"[schedule] has unknown keys {sorted(unknown)}; known: decay, final_lr_ratio")
+    decay = schedule.get("decay", "cosine")
+    if decay not in DECAYS:
+        raise fail(f"[schedule] decay = {decay!r}; known: {', '.join(DECAYS)}")
+    search = {}
+    for key, spec in data.get("search", {}).items():
+        allowed = {"low", "high", "log", "integer"}
+        if not isinstance(spec, dict) or not {"low", "high"} <= set(spec) or set(spec) - allowed:
+            raise fail(f"[search] {key} must be {{low = ..., high = ..., log = true|false, integer = true|false}}")
+        try:
+            low, high = float(spec["low"]), float(spec["high"])
+        except (TypeError, ValueError):
+            raise fail(f"[search] {key}: low and high must be numbers, got {spec['low']!r}, {spec['high']!r}") from None
+        if not low < high:
+            raise fail(f"[search] {key}: low ({low}) must be below high ({high})")
+        if spec.get("log", False) and low <= 0:
+            raise fail(f"[search] {key}: a log range needs low > 0, got {low}")
+        search[key] = Range(low, high, bool(spec.get("log", False)), bool(spec.get("integer", False)))
+    algorithm = Algorithm(
+        name=name, optimizer=data["optimizer"], description=str(data.get("description", "")),
+        fixed=dict(data.get("fixed", {})), defaults=dict(data.get("defaults", {})), search=search, decay=decay,
+        final_lr_ratio=float(schedule.get("final_lr_ratio", 0.0)),
+        sparse_gradients=bool(data.get("sparse_gradients", False)), source=source,
+    )  # fmt: skip
+    missing = set(search) - set(algorithm.defaults)
+    if missing:
+        raise fail(f"[defaults] lacks {sorted(missing)} (every searched key needs a default for self-tuning)")
+    try:
+        cls = resolve_optimizer(algorithm.optimizer)
+    except ValueError as err:
+        raise fail(str(err)) from None
+    accepted = inspect.signature(cls).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        kwargs = optimizer_kwargs(cls, algorithm.point(), algorithm.fixed)
+        if unknown := set(kwargs) - set(accepted):
+            raise fail(f"{cls.__name__} takes no {sorted(unknown)}")
+    return algorithm
