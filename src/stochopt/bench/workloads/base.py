@@ -60,5 +60,5 @@ class Workload(ABC):
     def evaluate(self, model: nn.Module) -> float:
         """The validation metric (lower is better) on the full validation set; called under ``torch.no_grad``."""
 
-    def after_step(self, model: nn.Module) -> None:
+    def after_step(self, model: nn.Module) -> None:  # noqa: B027 (optional hook: doing nothing is the default)
         """Hook run after each optimizer step, e.g. the projection of a constrained online problem."""
