@@ -27,6 +27,11 @@ def _number(x: float, fmt: str = ".3f") -> str:
     return format(x, fmt) if math.isfinite(x) else "-"
 
 
+def _speedup(value: float, workloads: int) -> str:
+    """The geometric-mean speed-up and the number of workloads it is over, e.g. "1.75x (2)", or "- (0)"."""
+    return f"{value:.2f}x ({workloads})" if math.isfinite(value) else f"- ({workloads})"
+
+
 def tables(result: BenchmarkResult) -> tuple[list[str], list[list[str]], list[list[str]]]:
     """(header, time rows, score rows) of the summary: time to target (steps) per workload and algorithm, then the
     benchmark score and the geometric-mean speed-up against NAdamW per algorithm."""
@@ -38,7 +43,7 @@ def tables(result: BenchmarkResult) -> tuple[list[str], list[list[str]], list[li
     scores = summary(seconds, BASELINE)
     score_rows = [["benchmark score", *(_number(scores[a]["score"]) for a in algorithms)]]
     if BASELINE in algorithms:
-        gains = [f"{_number(scores[a]['speedup'], '.2f')}x ({scores[a]['speedup_workloads']})" for a in algorithms]
+        gains = [_speedup(scores[a]["speedup"], scores[a]["speedup_workloads"]) for a in algorithms]
         score_rows.append([f"speed-up vs {BASELINE}", *gains])
     return header, rows, score_rows
 
