@@ -35,8 +35,6 @@ from typing import Any
 from torch import nn
 from torch.optim import Optimizer
 
-from stochopt.training.param_groups import param_groups
-
 try:  # Python >= 3.11
     import tomllib
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
@@ -122,11 +120,13 @@ def optimizer_kwargs(cls: type[Optimizer], point: dict[str, Any], fixed: dict[st
 
 def build_optimizer(algorithm: Algorithm, model: nn.Module, point: dict[str, Any]) -> Optimizer:
     """The algorithm's optimizer over ``model``; biases, norm weights and embeddings get no weight decay when the
-    optimizer has one (:func:`stochopt.training.param_groups`), as in the registry's ``create_optimizer``."""
+    optimizer has one (:func:`stochopt.training.param_groups`), or the class's own groups (Muon), exactly as the
+    registry's ``create_optimizer`` builds them."""
     cls = resolve_optimizer(algorithm.optimizer)
     kwargs = optimizer_kwargs(cls, point, algorithm.fixed)
-    decays = "weight_decay" in inspect.signature(cls).parameters
-    params = param_groups(model) if decays else model.parameters()
+    from stochopt.registry import params_for_module  # local, like resolve_optimizer's registry import
+
+    params = params_for_module(cls, model)
     try:
         return cls(params, **kwargs)
     except TypeError as err:

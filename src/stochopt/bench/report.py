@@ -10,11 +10,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+from stochopt.bench.algorithms import BASELINES
 from stochopt.bench.scoring import TAU_MAX, Table, performance_profile, performance_ratios, summary
 from stochopt.bench.storage import TrialRecord
 from stochopt.bench.suite import BenchmarkResult
 
-BASELINE = "nadamw"
+BASELINE = BASELINES[0]  # speed-ups are against the first AlgoPerf baseline
 
 
 def _seconds(t: float, steps: float, ratio: float) -> str:

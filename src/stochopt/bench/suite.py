@@ -10,7 +10,7 @@ from typing import Any
 
 from optuna.storages import RDBStorage
 
-from stochopt.bench.algorithms import Algorithm, load_algorithm
+from stochopt.bench.algorithms import BASELINES, Algorithm, load_algorithm
 from stochopt.bench.rulesets import RULESETS, SELF_TUNING_BUDGET, ProgressSink, StudySpec, run_studies
 from stochopt.bench.scoring import Table, median_over_studies, study_time
 from stochopt.bench.storage import TrialRecord, load_records, open_storage
@@ -119,5 +119,5 @@ def load_result(storage: str = DEFAULT_STORAGE, ruleset: str = "external") -> Be
     records = load_records(open_storage(storage), ruleset=ruleset)
     if not records:
         raise ValueError(f"no finished {ruleset!r} trials in {storage!r}; run `stochopt bench` with this --storage")
-    algorithms = sorted({r.algorithm for r in records}, key=lambda a: (a != "nadamw", a))
+    algorithms = sorted({r.algorithm for r in records}, key=lambda a: (a != BASELINES[0], a))
     return BenchmarkResult(records, ruleset, sorted({r.workload for r in records}), algorithms)

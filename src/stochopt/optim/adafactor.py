@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from stochopt.engine import STEP, EngineOptimizer, StateSpec, TensorList, checks, scalar
-from stochopt.optim.common import ema_, rms
+from stochopt.optim.common import decoupled_decay_, ema_, rms
 
 #: rows summed together first by ``mean_over_rows`` (see there)
 ROW_BLOCK = 8
@@ -143,7 +143,7 @@ class Adafactor(EngineOptimizer):
     def _update(p: Any, g: Any, state: dict, c: dict, *, factored: bool, decay: bool, momentum: bool) -> None:
         alpha = rms(p).clamp(min=c["eps2"]).mul(c["rho"])
         if decay:
-            p.mul_(c["decay_factor"])
+            decoupled_decay_(p, c["decay_factor"])
         g_sq = g * g
         if factored:
             row, col = state["row_var"], state["col_var"]

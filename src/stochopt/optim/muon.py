@@ -219,7 +219,7 @@ class Muon(EngineOptimizer):
         state["step"] += 1
         compute_dtype = state_dtype_for(p, group["state_dtype"])
         g = (-g if group["maximize"] else g).to(compute_dtype)
-        if group["centralize_gradients"]:
+        if group["centralize_gradients"] and p.dim() > 1:  # as the engine: only matrices are centralized
             g = centralize(g)
         momentum = scalar(group["momentum"])
         buf = state["momentum_buffer"]

@@ -13,7 +13,7 @@ from torch import Tensor
 from stochopt.engine import STEP, EngineOptimizer, StateSpec, checks, scalar
 from stochopt.engine.layout import state_dtype_for
 from stochopt.engine.optimizer import centralize
-from stochopt.optim.common import bias_correction, decoupled_decay_, ema_
+from stochopt.optim.common import bias_correction, decoupled_decay_, ema_, ema_square_
 
 GRAFTINGS = ("adagrad", "adam", "none")
 
@@ -197,7 +197,7 @@ class Shampoo(EngineOptimizer):
         diagonal = None
         if "graft_sq" in state:
             v = state["graft_sq"]
-            v.mul_(c["beta2"]).addcmul_(g, g, value=c["stat_weight"])
+            ema_square_(v, g, c["beta2"], c["stat_weight"])
             diagonal = direction / (v / c["graft_correction"]).sqrt_().add_(c["graft_eps"])
         if p.dim() > 1:  # the statistics accumulate from the first step, preconditioning or not
             gb = to_blocks(g.reshape(matrix_shape(g.shape)), c["max_dim"])

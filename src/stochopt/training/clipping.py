@@ -85,5 +85,8 @@ def clip_gradients(
         torch.nn.utils.clip_grad_value_(params, max_value)
     clipped_units = None if agc is None else adaptive_clip_grad_(params, agc, agc_eps)
     if max_norm is not None:
-        torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type)
+        if max_value is None and agc is None:  # the gradients are unchanged: reuse the norm measured above
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type)
     return ClipResult(norm, clipped_units)
