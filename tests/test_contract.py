@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import stochopt
-from stochopt.engine import NonFiniteGradientError
+from stochopt.engine import NonFiniteGradientError, stage_boundary
 from stochopt.engine.layout import state_nbytes
 from tests.conftest import PATHS, assert_same, clone_params, make_params, run, set_grads
 
@@ -403,20 +403,40 @@ def test_nonfinite_policies() -> None:
     assert issubclass(NonFiniteGradientError, ValueError)
 
 
-def test_fused_path_compiles_once_for_lr_changes_and_new_shapes() -> None:
+# Adafactor: kernels that keep the parameter's shape, in two stages (engine.stage_boundary)
+@pytest.mark.parametrize("name", ["adam", "adafactor"])
+def test_fused_path_compiles_once_for_lr_changes_and_new_shapes(name: str) -> None:
     from torch._dynamo.utils import counters
 
     params = [torch.randn(300, 256, dtype=torch.float64, requires_grad=True)]
-    opt = stochopt.Adam(params, lr=1e-2, weight_decay=0.01, fused=True)
+    opt = make(name, params, fused=True)
     run(opt, params, 1)
     graphs = counters["stats"]["unique_graphs"]
-    opt.add_param_group({"params": [torch.randn(400, 300, dtype=torch.float64, requires_grad=True)]})
+    # 404 rows: Adafactor compiles once per class of row counts modulo 8 (0, 1, other), see mean_over_rows
+    opt.add_param_group({"params": [torch.randn(404, 300, dtype=torch.float64, requires_grad=True)]})
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 / (1 + t))
     for t in range(1, 20):
         set_grads(opt.param_groups[0]["params"] + opt.param_groups[1]["params"], t)
         opt.step()
         sched.step()
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_stage_boundary_needs_a_staged_optimizer() -> None:
+    """Unstaged optimizers compile with fullgraph=True: a boundary there fails loudly instead of silently
+    splitting their kernel."""
+
+    class Unstaged(stochopt.Lion):
+        @staticmethod
+        def _update(p, g, state, c, **flags) -> None:
+            stage_boundary()
+            stochopt.Lion._update(p, g, state, c, **flags)
+
+    params = [torch.randn(300, 256, requires_grad=True)]
+    set_grads(params, 0)
+    Unstaged(params, foreach=True).step()  # eager: the boundary does nothing
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="graph_break"):
+        Unstaged(params, fused=True).step()
 
 
 def test_registry_errors_name_the_problem() -> None:

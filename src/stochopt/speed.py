@@ -51,6 +51,10 @@ PYTORCH_OPTIMIZER_CLASSES = {
     "qhm": "QHM", "qhadam": "QHAdam", "adabound": "AdaBound", "lion": "Lion", "radam": "RAdam", "nadam": "NAdam",
     "adamw": "AdamW", "lamb": "Lamb", "lars": "LARS", "adafactor": "AdaFactor", "ranger": "Ranger",
 }  # fmt: skip
+# pytorch_optimizer's AdaFactor keeps a first moment (beta1 = 0.9, in bfloat16) unless told not to; the paper's
+# Adafactor, torch's and ours have none by default, so the same algorithm needs betas=(None, beta2). (Its beta2
+# caps the paper's schedule 1 - t^-0.8 at 0.999, which changes numbers after ~5,600 steps, not the work.)
+PYTORCH_OPTIMIZER_OPTIONS: dict[str, dict[str, Any]] = {"adafactor": {"betas": (None, 0.999)}}
 PATHS = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}, "default": {}}
 
 
@@ -150,7 +154,8 @@ def _candidates(name: str) -> list[tuple[str, str, Callable[[list[torch.Tensor]]
     if name in PYTORCH_OPTIMIZER_CLASSES:
         try:
             po = importlib.import_module("pytorch_optimizer")
-            out += [("pytorch_optimizer", "default", _maker(getattr(po, PYTORCH_OPTIMIZER_CLASSES[name]), config))]
+            options = {**config, **PYTORCH_OPTIMIZER_OPTIONS.get(name, {})}
+            out += [("pytorch_optimizer", "default", _maker(getattr(po, PYTORCH_OPTIMIZER_CLASSES[name]), options))]
         except (ImportError, AttributeError):
             pass
     return out

@@ -80,6 +80,20 @@ def test_lr_none_is_the_papers_relative_step() -> None:
     assert_same(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("lr, rho", [(None, 1e-2), (1.0, 1.0), (0.3, 0.3)])
+def test_first_step_is_the_relative_step_times_rms(lr, rho) -> None:
+    """Step 1 in closed form: 1 - beta2_1 = 1, so V = g^2, U = sign(g), RMS(U) = 1 (no clipping) and
+    theta_1 = theta_0 - max(eps2, RMS(theta_0)) min(lr, 1/sqrt(1)) sign(g)."""
+    gen = torch.Generator().manual_seed(0)
+    for scale in (1.0, 1e-5):  # RMS(theta_0) above eps2, and below it
+        p = (torch.randn(1000, generator=gen, dtype=torch.float64) * scale).requires_grad_()
+        p.grad = torch.randn(1000, generator=gen, dtype=torch.float64)
+        start = p.detach().clone()
+        stochopt.Adafactor([p], lr=lr).step()
+        alpha = max(1e-3, start.pow(2).mean().sqrt().item()) * rho
+        torch.testing.assert_close(p.detach(), start - alpha * p.grad.sign(), rtol=1e-12, atol=1e-15)
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="beta2_decay"):
         stochopt.Adafactor(make_params(), beta2_decay=0.5)

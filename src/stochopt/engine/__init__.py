@@ -1,5 +1,6 @@
 """The contract between an algorithm's math and its execution (see EngineOptimizer)."""
 
+from stochopt.engine.fused import stage_boundary
 from stochopt.engine.layout import STEP, StateSpec, state_nbytes
 from stochopt.engine.optimizer import ENGINE_DEFAULTS, EngineOptimizer, NonFiniteGradientError, scalar
 from stochopt.engine.tensorlist import TensorList
@@ -12,5 +13,6 @@ __all__ = [
     "StateSpec",
     "TensorList",
     "scalar",
+    "stage_boundary",
     "state_nbytes",
 ]

@@ -6,7 +6,8 @@ An optimizer subclass declares
   (bias corrections, step sizes); scalar state such as NAdam's running product advances here;
 - ``_flags(group, step, matrix)``: the static switches of the update (``amsgrad``, ``nesterov``), hashable;
 - ``_update(p, g, state, c, **flags)``: the elementwise math, written once against the Tensor API;
-- optionally ``_validate(group)``, ``_sparse_update`` and ``_native_fused``.
+- optionally ``_validate(group)``, ``_sparse_update``, ``_native_fused`` and, for the fused path,
+  ``_flatten``, ``_compile_options`` and ``_staged``.
 
 The engine owns the books: param groups, lazy state, buckets of tensors that share device, dtype and step,
 ``maximize``, gradient centralization (the group option ``centralize_gradients``), low-precision parameters
@@ -90,6 +91,8 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
     _flatten: bool = True
     #: inductor options of the fused kernel; None: the elementwise defaults (see engine.fused)
     _compile_options: dict[str, Any] | None = None
+    #: ``_update`` calls ``engine.stage_boundary()``: the fused path compiles one kernel per stage
+    _staged: bool = False
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         defaults = {**ENGINE_DEFAULTS, **defaults}
@@ -330,7 +333,9 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
         c: dict[str, float],
     ) -> None:
         coef_names = tuple(c)
-        kernel = fused_kernel(type(self)._update, flags, coef_names, group["maximize"], self._compile_options)
+        kernel = fused_kernel(
+            type(self)._update, flags, coef_names, group["maximize"], self._compile_options, self._staged
+        )
         coefs = torch.tensor([c[k] for k in coef_names], dtype=compute_dtype, device=ps[0].device)
         small = []
         for i, (p, g, s) in enumerate(zip(ps, gs, states)):

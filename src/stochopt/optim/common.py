@@ -126,7 +126,3 @@ def norm(x: Any) -> Any:
     """The L2 norm of a tensor (0-d), or of each tensor of a TensorList."""
     return x.norm() if isinstance(x, TensorList) else torch.linalg.vector_norm(x)
 
-
-def rms(x: Any) -> Any:
-    """Root mean square of a tensor (0-d), or of each tensor of a TensorList."""
-    return x.rms() if isinstance(x, TensorList) else torch.linalg.vector_norm(x) / x.numel() ** 0.5

@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from stochopt.engine import checks
+from stochopt.optim.common import ema_
 from stochopt.optim.wrapper import OptimizerWrapper, indexed_tensors
 
 
@@ -62,7 +63,7 @@ class Lookahead(OptimizerWrapper):
             with torch.no_grad():
                 for p in self._params():
                     slow = self._slow[p]
-                    slow.lerp_(p, self.alpha)
+                    ema_(slow, p, self.alpha)
                     p.copy_(slow)
         return loss
 

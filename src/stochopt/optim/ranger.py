@@ -8,6 +8,7 @@ import torch
 
 from stochopt.engine import StateSpec, checks, scalar
 from stochopt.optim.adam_variants import RAdam
+from stochopt.optim.common import ema_
 
 
 class Ranger(RAdam):
@@ -76,5 +77,5 @@ class Ranger(RAdam):
         RAdam._update(p, g, state, c, decay=decay, decoupled=decoupled)
         if sync:
             slow = state["slow_param"]
-            slow.add_(p.sub(slow).mul_(c["lookahead_alpha"]))
+            ema_(slow, p, c["lookahead_alpha"])
             p.copy_(slow)
