@@ -25,6 +25,16 @@ def test_matches_torch_adafactor(hp: dict, path: dict) -> None:
     assert_same(ours, ref, rtol=1e-10, atol=1e-12)
 
 
+def test_large_conv_weights_and_short_matrices_match_torch(path: dict) -> None:
+    """Large enough for the compiled kernel: a conv weight (3 rows in its factored dimensions), a matrix of 20
+    rows and one of 16 (the column mean's special cases, see mean_over_rows)."""
+    shapes = [(128, 64, 3, 3), (20, 4000), (16, 4100)]
+    ours, ref = make_params(shapes), make_params(shapes)
+    run(stochopt.Adafactor(ours, lr=0.01, **path), ours, 50)
+    run(torch.optim.Adafactor(ref, lr=0.01), ref, 50)
+    assert_same(ours, ref, rtol=1e-10, atol=1e-12)
+
+
 def adafactor_ref(lr, c, eps1, eps2, d, wd, beta1):
     """The paper's Algorithms 4-5 with torch's epsilon placement and a first moment on the clipped update."""
 

@@ -92,3 +92,24 @@ def test_ranger_equals_the_lookahead_wrapper_around_centralized_radam() -> None:
     stochopt.gradient_centralization(inner)
     run(stochopt.Lookahead(inner, k=4, alpha=0.6), ref, 60)
     assert_same(ours, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["adamw", "lion", "adafactor"])
+def test_fused_path_centralizes_inside_its_kernel(name: str) -> None:
+    """Tensors large enough for the compiled kernel (which then centralizes g itself, rows kept), a conv-like
+    4-D weight among them, against the loop path; the gradients stay as they were."""
+    shapes = [(300, 256), (128, 64, 3, 3), (7, 5), (11,)]
+    ours, ref = make_params(shapes), make_params(shapes)
+    groups = lambda ps: [{"params": ps, "centralize_gradients": True}]  # noqa: E731
+    fused = stochopt.create_optimizer(name, groups(ours), lr=0.01, fused=True)
+    loop = stochopt.create_optimizer(name, groups(ref), lr=0.01, foreach=False)
+    for t in range(30):
+        set_grads(ours, t)
+        set_grads(ref, t)
+        before = [p.grad.clone() for p in ours]
+        fused.step()
+        loop.step()
+        assert all(torch.equal(p.grad, g) for p, g in zip(ours, before))
+    assert_same(ours, ref, rtol=1e-10, atol=1e-12)
+    moved = [(p - q).abs().max().item() for p, q in zip(ours, make_params(shapes))]
+    assert min(moved) > 0

@@ -52,14 +52,18 @@ def fused_kernel(
     maximize: bool,
     options: dict[str, Any] | None = None,
     staged: bool = False,
+    centralized: bool = False,
 ) -> Callable[[Tensor, Tensor, dict[str, Tensor], Tensor], None]:
     """The compiled kernel ``kernel(p, g, state, coefs)`` for ``update`` with these static options;
-    ``staged``: ``update`` calls ``stage_boundary()`` (one kernel per stage)."""
+    ``staged``: ``update`` calls ``stage_boundary()`` (one kernel per stage); ``centralized``: the kernel first
+    centralizes g (gradient centralization); every tensor then arrives with its rows, as ``(rows, -1)`` or
+    in its own shape."""
     options = ELEMENTWISE_OPTIONS if options is None else options
-    key = (update, tuple(sorted(flags.items())), coef_names, maximize, tuple(sorted(options.items())), staged)
+    static = (tuple(sorted(flags.items())), coef_names, maximize, tuple(sorted(options.items())), staged, centralized)
+    key = (update, *static)
     kernel = _KERNELS.get(key)
     if kernel is None:
-        kernel = _compile(update, dict(flags), coef_names, maximize, options, staged)
+        kernel = _compile(update, dict(flags), coef_names, maximize, options, staged, centralized)
         _KERNELS[key] = kernel
     return kernel
 
@@ -71,11 +75,14 @@ def _compile(
     maximize: bool,
     options: dict[str, Any],
     staged: bool,
+    centralized: bool,
 ) -> Callable[..., None]:
-    from stochopt.engine.optimizer import apply_update
+    from stochopt.engine.optimizer import apply_update, centralize
 
     def kernel(p: Tensor, g: Tensor, state: dict[str, Tensor], coefs: Tensor) -> None:
         c = dict(zip(coef_names, coefs.unbind(0)))
+        if centralized:
+            g = centralize(g.to(coefs.dtype))
         apply_update(update, p, g, state, c, flags, maximize, coefs.dtype)
 
     # Dynamo keeps its compiled graphs (and its recompile limit) per code object. A fresh code object per
