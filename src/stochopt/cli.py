@@ -193,7 +193,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _ddp(args: argparse.Namespace) -> int:
     from stochopt.distributed import DDPPlan, DistributedError, LaunchConfig, free_port, parse_method
-    from stochopt.distributed.train import format_table, parse_options, run_ddp, write_results
+    from stochopt.distributed.train import PARTIAL_FILE, format_table, parse_options, run_ddp, write_results
 
     if args.optimizer_options is None:
         options = {"momentum": 0.9} if args.optimizer == "sgd" else {}
@@ -206,16 +206,24 @@ def _ddp(args: argparse.Namespace) -> int:
     )  # fmt: skip
     port = args.master_port if args.master_port is not None else free_port(args.master_addr)
     config = LaunchConfig(args.nproc, args.master_addr, port, args.timeout)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    partial = Path(args.out) / PARTIAL_FILE
+    if not args.resume:
+        partial.unlink(missing_ok=True)
     try:
-        results = run_ddp(plan, config, verbose=not args.quiet)
-    except DistributedError as err:
-        print(f"stochopt: error: {err}", file=sys.stderr)
+        results = run_ddp(plan, config, verbose=not args.quiet, partial=partial, resume=args.resume)
+    except (DistributedError, KeyboardInterrupt) as err:
+        print(f"stochopt: error: {err or 'interrupted'}", file=sys.stderr)
+        if partial.is_file():
+            print(f"stochopt: the methods finished are kept in {partial}; run again with --resume to train only "
+                  "the others", file=sys.stderr)  # fmt: skip
         return 1
     if results is None:  # not rank 0 of a torchrun launch
         return 0
     print(format_table(results))
     for path in write_results(results, args.out):
         print(f"wrote {path}")
+    partial.unlink(missing_ok=True)
     return 0
 
 
@@ -350,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds a rank waits for the others before failing (default 60)")  # fmt: skip
     p_ddp.add_argument("--out", default="ddp_results", help="folder for JSON, CSV and the plot (default ddp_results)")
     p_ddp.add_argument("--quiet", action="store_true", help="no progress lines")
+    p_ddp.add_argument("--resume", action="store_true",
+                       help="take the methods an interrupted run finished (OUT/ddp_partial.json, same settings) "
+                       "instead of training them again")  # fmt: skip
     p_ddp.set_defaults(func=_ddp)
     return parser
 

@@ -90,3 +90,45 @@ def test_cli_bad_input_exits_2(capsys):
     assert "master_addr 'no-such-host.invalid' is not an address of this machine" in capsys.readouterr().err
     assert main(["ddp", "--master-port", "70000"]) == 2
     assert "master_port must be an int in [1, 65535], got 70000" in capsys.readouterr().err
+
+
+def test_an_interrupted_cli_run_keeps_finished_methods_and_resumes(tmp_path, monkeypatch, capsys):
+    """One torchrun rank in this process: the second method is interrupted, the first survives in
+    ddp_partial.json; --resume trains only the second; other settings refuse the saved results."""
+    import stochopt.distributed.train as train
+
+    env = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    args = ["ddp", "--compression", "topk:density=0.1", "--steps", "3", "--eval-every", "3", "--out", str(tmp_path)]
+    real, trained = train.train_method, []
+
+    def interrupted_at_topk(plan, method, progress=None, on_step=None):
+        if method.name == "topk":
+            raise KeyboardInterrupt
+        trained.append(method.label)
+        return real(plan, method, progress, on_step)
+
+    monkeypatch.setattr(train, "train_method", interrupted_at_topk)
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "--resume" in err
+    saved = json.loads((tmp_path / "ddp_partial.json").read_text())
+    assert [r["label"] for r in saved["results"]] == ["none"] and trained == ["none"]
+
+    def recorded(plan, method, progress=None, on_step=None):
+        trained.append(method.label)
+        return real(plan, method, progress, on_step)
+
+    monkeypatch.setattr(train, "train_method", recorded)
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    assert main([*args, "--seed", "1", "--resume"]) == 2
+    assert "other settings (seed: now 1, then 0)" in capsys.readouterr().err
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    assert main([*args, "--resume"]) == 0
+    assert trained == ["none", "topk density=0.1"]
+    rows = json.loads((tmp_path / "ddp.json").read_text())
+    assert [r["label"] for r in rows] == ["none", "topk density=0.1"]
+    assert rows[0] == {**saved["results"][0], "compression": rows[0]["compression"]}
+    assert not (tmp_path / "ddp_partial.json").exists()

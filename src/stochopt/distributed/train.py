@@ -195,43 +195,98 @@ def train_method(
     )  # fmt: skip
 
 
-def ddp_worker(rank: int, config: LaunchConfig, plan: DDPPlan, result_file: str | None, verbose: bool) -> None:
-    """One rank's whole run: join the group, train every method, and (rank 0) write the results to
-    ``result_file``; failures of other ranks surface as :class:`DistributedError`."""
+#: the file in ``stochopt ddp --out`` that keeps the methods finished while a run goes on (removed at the end)
+PARTIAL_FILE = "ddp_partial.json"
+
+
+def _settings(plan: DDPPlan) -> dict[str, Any]:
+    """Everything of ``plan`` but its methods, as JSON reads it back: what a reused result must share."""
+    settings = asdict(plan)
+    del settings["methods"]
+    return json.loads(json.dumps(settings))
+
+
+def save_partial(path: str | Path, plan: DDPPlan, results: list[MethodResult]) -> None:
+    """Write the methods finished so far, with the settings they were trained with (atomically)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"settings": _settings(plan), "results": [asdict(r) for r in results]}))
+    tmp.replace(path)
+
+
+def load_partial(path: str | Path, plan: DDPPlan) -> list[MethodResult]:
+    """The results in ``path`` (see :func:`save_partial`) of methods ``plan`` asks for; ValueError when they
+    were trained with other settings."""
+    saved = json.loads(Path(path).read_text())
+    differ = {k: (v, saved["settings"].get(k)) for k, v in _settings(plan).items() if saved["settings"].get(k) != v}
+    if differ:
+        shown = ", ".join(f"{k}: now {now!r}, then {then!r}" for k, (now, then) in differ.items())
+        raise ValueError(f"{path} holds results trained with other settings ({shown}); remove it or drop --resume")
+    wanted = {m.label for m in plan.methods}
+    return [MethodResult(**r) for r in saved["results"] if r["label"] in wanted]
+
+
+def ddp_worker(
+    rank: int,
+    config: LaunchConfig,
+    plan: DDPPlan,
+    result_file: str | None,
+    verbose: bool,
+    done: list[MethodResult] | None = None,
+) -> None:
+    """One rank's whole run: join the group, train every method not in ``done`` (rank 0's list counts), and
+    (rank 0) write the results to ``result_file`` after each method; failures of other ranks surface as
+    :class:`DistributedError`."""
     init_process_group(rank, config)
     try:
-        results = []
+        shared = [done or []]
+        dist.broadcast_object_list(shared, src=0)  # under torchrun only rank 0 may have read the earlier results
+        results = list(shared[0])
+        finished = {r.label for r in results}
         for method in plan.methods:
+            if method.label in finished:
+                continue
             with peer_failures(rank, config, lambda m=method: f" while training {m.label}"):
                 results.append(train_method(plan, method, print if verbose else None))
-        if rank == 0 and result_file is not None:
-            torch.save([asdict(r) for r in results], result_file)
+            if rank == 0 and result_file is not None:
+                save_partial(result_file, plan, results)
     finally:
         dist.destroy_process_group()
 
 
 def run_ddp(
-    plan: DDPPlan, config: LaunchConfig | None = None, verbose: bool = True, start_method: str = "spawn"
+    plan: DDPPlan,
+    config: LaunchConfig | None = None,
+    verbose: bool = True,
+    start_method: str = "spawn",
+    partial: str | Path | None = None,
+    resume: bool = False,
 ) -> list[MethodResult] | None:
     """Train every method of ``plan`` data-parallel and return the results on rank 0 (None on other ranks).
 
     Under torchrun (RANK and WORLD_SIZE set) this process is one rank (of ``config`` only the timeout counts);
-    otherwise ``config.world_size`` local processes are spawned."""
+    otherwise ``config.world_size`` local processes are spawned. Rank 0 writes each finished method to
+    ``partial`` (a temporary file when None), so that an interrupted run keeps them; ``resume=True`` takes the
+    methods found there (trained with the same settings) instead of training them again."""
     launched = torchrun_rank(config.timeout if config is not None else 60.0)
     with tempfile.TemporaryDirectory() as tmp:
-        result_file = str(Path(tmp) / "results.pt")
+        result_file = Path(partial) if partial is not None else Path(tmp) / "results.json"
+        is_rank0 = launched is None or launched[0] == 0
+        done = load_partial(result_file, plan) if resume and is_rank0 and result_file.is_file() else []
         if launched is not None:
             rank, config = launched
-            ddp_worker(rank, config, plan, result_file if rank == 0 else None, verbose)
+            ddp_worker(rank, config, plan, str(result_file) if rank == 0 else None, verbose, done)
             if rank != 0:
                 return None
         else:
             if config is None:
                 raise ValueError("config is required when not launched by torchrun")
-            spawn(ddp_worker, config, (plan, result_file, verbose), start_method)
-        if not Path(result_file).is_file():
-            raise DistributedError("the run ended without results from rank 0")
-        return [MethodResult(**r) for r in torch.load(result_file, weights_only=False)]
+            spawn(ddp_worker, config, (plan, str(result_file), verbose, done), start_method)
+        by_label = {r.label: r for r in load_partial(result_file, plan)} if result_file.is_file() else {}
+        missing = [m.label for m in plan.methods if m.label not in by_label]
+        if missing:
+            raise DistributedError(f"the run ended without results from rank 0 for {', '.join(missing)}")
+        return [by_label[m.label] for m in plan.methods]
 
 
 def format_table(results: list[MethodResult]) -> str:
