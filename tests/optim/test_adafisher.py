@@ -13,7 +13,7 @@ from torch import nn
 
 import stochopt
 from stochopt.data import digits
-from tests.conftest import clone_params, make_params, set_grads
+from tests.conftest import assert_same, clone_params, make_params, run
 
 
 def patches(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
@@ -152,13 +152,9 @@ def test_plain_params_take_adamw_steps() -> None:
     ref_params = clone_params(params)
     opt = stochopt.AdaFisher(params, lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)
     ref = torch.optim.AdamW(ref_params, lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)
-    for t in range(10):
-        set_grads(params, t)
-        set_grads(ref_params, t)
-        opt.step()
-        ref.step()
-    for p, q in zip(params, ref_params):
-        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+    run(opt, params, 10)
+    run(ref, ref_params, 10)
+    assert_same(params, ref_params, rtol=1e-12, atol=1e-12)
 
 
 def test_registry_passes_the_model_and_options_are_checked() -> None:

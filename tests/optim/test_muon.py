@@ -8,7 +8,7 @@ from torch import nn
 
 import stochopt
 from stochopt.optim.muon import default_ns_dtype, newton_schulz
-from tests.conftest import clone_params, make_params, set_grads
+from tests.conftest import clone_params, make_params, run, set_grads
 
 MATRICES = [(24, 16), (16, 40), (9, 9)]
 
@@ -28,11 +28,8 @@ def test_muon_equals_torch_muon_on_matrices(options) -> None:
     theirs = clone_params(ours)
     # torch iterates in bfloat16 on every device; stochopt's default is float32 on CPUs without native bfloat16
     opt, ref = stochopt.Muon(ours, ns_dtype=torch.bfloat16, **options), torch.optim.Muon(theirs, **options)
-    for t in range(100):
-        set_grads(ours, t)
-        set_grads(theirs, t)
-        opt.step()
-        ref.step()
+    run(opt, ours, 100)
+    run(ref, theirs, 100)
     for p, q in zip(ours, theirs):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"])

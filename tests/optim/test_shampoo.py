@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import stochopt
-from tests.conftest import clone_params, make_params, set_grads
+from tests.conftest import assert_same, clone_params, make_params, run, set_grads
 
 
 def inverse_fourth_root(mat: torch.Tensor, eps: float) -> torch.Tensor:
@@ -128,13 +128,9 @@ def test_before_preconditioning_and_for_vectors_it_is_adagrad() -> None:
     ref_params = clone_params(params)
     opt = stochopt.Shampoo(params, lr=0.1, betas=(0.0, 1.0), start_preconditioning_step=6, graft_eps=1e-10)
     ref = torch.optim.Adagrad(ref_params, lr=0.1, eps=1e-10)
-    for t in range(5):
-        set_grads(params, t)
-        set_grads(ref_params, t)
-        opt.step()
-        ref.step()
-    for p, q in zip(params, ref_params):
-        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+    run(opt, params, 5)
+    run(ref, ref_params, 5)
+    assert_same(params, ref_params, rtol=1e-12, atol=1e-12)
     set_grads(params, 5)
     set_grads(ref_params, 5)
     opt.step()

@@ -59,8 +59,8 @@ def fused_kernel(
     centralizes g (gradient centralization); every tensor then arrives with its rows, as ``(rows, -1)`` or
     in its own shape."""
     options = ELEMENTWISE_OPTIONS if options is None else options
-    static = (tuple(sorted(flags.items())), coef_names, maximize, tuple(sorted(options.items())), staged, centralized)
-    key = (update, *static)
+    key = (update, tuple(sorted(flags.items())), coef_names, maximize, tuple(sorted(options.items())))
+    key += (staged, centralized)
     kernel = _KERNELS.get(key)
     if kernel is None:
         kernel = _compile(update, dict(flags), coef_names, maximize, options, staged, centralized)

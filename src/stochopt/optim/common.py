@@ -125,4 +125,3 @@ def trust_ratio(numerator: Any, denominator: Any, max_ratio: Any = None, guard: 
 def norm(x: Any) -> Any:
     """The L2 norm of a tensor (0-d), or of each tensor of a TensorList."""
     return x.norm() if isinstance(x, TensorList) else torch.linalg.vector_norm(x)
-

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stochopt.bench.workloads.base import Batch, Workload
-from stochopt.bench.workloads.common import check_batch_size, seeded, stored_target
+from stochopt.bench.workloads.common import check_batch_size, check_positive_ints, seeded, stored_target
 
 CORPUS = "data/kjv_genesis_to_ruth.txt"
 TRAIN_FRACTION = 0.9  # the first 90% of the characters train, the last 10% validate
@@ -87,9 +87,7 @@ class CharGPTWorkload(Workload):
     def __init__(
         self, context: int = 64, width: int = 64, depth: int = 2, heads: int = 4, val_windows: int = 64
     ) -> None:
-        for arg, value in (("context", context), ("width", width), ("depth", depth), ("heads", heads)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{arg} must be a positive int, got {value!r}")
+        check_positive_ints(context=context, width=width, depth=depth, heads=heads)
         self.context, self.width, self.depth, self.heads, self.val_windows = context, width, depth, heads, val_windows
 
     def setup(self) -> None:

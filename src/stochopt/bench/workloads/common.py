@@ -21,10 +21,16 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
+def check_positive_ints(**values: int) -> None:
+    """A ValueError naming the first of ``values`` that is not a positive int (bools refused)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def check_batch_size(batch_size: int, limit: int | None = None) -> int:
     """The batch size as a positive int (at most ``limit`` examples), or a ValueError naming it."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_positive_ints(batch_size=batch_size)
     if limit is not None and batch_size > limit:
         raise ValueError(f"batch_size must be at most the {limit} training examples, got {batch_size!r}")
     return batch_size

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stochopt.bench.workloads.base import Batch, Workload
-from stochopt.bench.workloads.common import check_batch_size, seeded, stored_target
+from stochopt.bench.workloads.common import check_batch_size, check_positive_ints, seeded, stored_target
 
 TRAIN_STREAM = 1_000_003  # training streams are seeded TRAIN_STREAM + seed, apart from the problem's own seed 0
 
@@ -61,14 +61,7 @@ class CTR(Workload):
     def __init__(
         self, fields: int = 8, rows_per_field: int = 16384, dim: int = 8, zipf: float = 1.2, val_size: int = 8192
     ) -> None:
-        for arg, value in (
-            ("fields", fields),
-            ("rows_per_field", rows_per_field),
-            ("dim", dim),
-            ("val_size", val_size),
-        ):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{arg} must be a positive int, got {value!r}")
+        check_positive_ints(fields=fields, rows_per_field=rows_per_field, dim=dim, val_size=val_size)
         if not zipf > 0:
             raise ValueError(f"zipf exponent must be > 0, got {zipf!r}")
         self.fields, self.rows_per_field, self.dim, self.zipf, self.val_size = (

@@ -23,7 +23,10 @@ class _ImageWorkload(Workload):
     """Shared data handling: the digits (default) or the IDX files in ``data_dir``; images flattened in [0, 1].
 
     The stored target belongs to the digits. With ``data_dir`` pass ``target=`` (or calibrate one): a digits target
-    on MNIST means little, so using it anyway gives a warning."""
+    on MNIST means little, so using it anyway gives a warning. Loss and metric are a classifier's unless overridden."""
+
+    metric = "validation error rate"
+    batch_size = 64
 
     def __init__(self, data_dir: str | os.PathLike | None = None, target: float | None = None) -> None:
         if data_dir is not None and not Path(data_dir).is_dir():
@@ -63,11 +66,9 @@ class DigitsMLP(_ImageWorkload):
     """A two-hidden-layer ReLU MLP classifier; the metric is the validation error rate."""
 
     name = "digits_mlp"
-    metric = "validation error rate"
     target = stored_target("digits_mlp")
     max_steps = 1500
     eval_every = 50
-    batch_size = 64
     description = "MLP (2 x 128 ReLU) on the 8x8 digits, or on MNIST/Fashion-MNIST IDX files with data_dir="
 
     def init_model(self, seed: int, sparse: bool = False) -> nn.Module:
@@ -81,11 +82,9 @@ class DigitsCNN(_ImageWorkload):
     """A small CNN (three 3x3 convolutions, one max-pool, global average pooling, a linear head); validation error."""
 
     name = "digits_cnn"
-    metric = "validation error rate"
     target = stored_target("digits_cnn")
     max_steps = 600
     eval_every = 30
-    batch_size = 64
     description = "small CNN (3 conv layers, global pooling) on the 8x8 digits, or on MNIST IDX files"
 
     def init_model(self, seed: int, sparse: bool = False) -> nn.Module:
@@ -110,7 +109,6 @@ class Autoencoder(_ImageWorkload):
     target = stored_target("autoencoder")
     max_steps = 1500
     eval_every = 50
-    batch_size = 64
     description = "MSE autoencoder (64-12-64 hidden, 12-number code) on the 8x8 digits, or on MNIST IDX files"
 
     def init_model(self, seed: int, sparse: bool = False) -> nn.Module:
