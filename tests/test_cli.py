@@ -1,8 +1,10 @@
-"""The command line: `stochopt list` and `stochopt speed`."""
+"""The command line: `stochopt list` and `stochopt speed` (bad inputs of every command: test_cli_bad_inputs.py)."""
 
 from __future__ import annotations
 
 import json
+
+import pytest
 
 import stochopt
 from stochopt.cli import main
@@ -53,3 +55,11 @@ def test_speed_matrix_times_shampoo_and_muon_beside_adam_and_torch_muon(tmp_path
     assert rows[("adamw", "torch")]["ratio_to_torch_fused_adamw"] == 1.0
     assert all(r["step_ms"] > 0 for r in rows.values())
     assert "recomputes its roots every 10 steps" in capsys.readouterr().out
+
+
+def test_help_still_exits_0_and_a_bad_input_returns_2(capsys) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["speed", "--help"])
+    assert done.value.code == 0 and "--params" in capsys.readouterr().out
+    assert main(["speed", "--params", "0"]) == 2
+    assert capsys.readouterr().err == "stochopt: error: --params must be an integer >= 1000, got '0'\n"

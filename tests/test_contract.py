@@ -175,6 +175,71 @@ def test_bad_hyperparameters_are_rejected_by_name(name: str) -> None:
         make(name, params, fused=True, foreach=True)
 
 
+#: denominators' guards that may be 0, and why
+EPS_ZERO_OK = {("lars", "eps"): "its trust ratio is 1 where the ratio's denominator is 0"}
+EPS_CASES = [
+    (name, hp) for name in NAMES for hp in _numeric_hyperparameters(name) if hp == "eps" or hp.endswith("_eps")
+]
+
+
+def test_eps_cases_are_found() -> None:
+    assert {name for name, _ in EPS_CASES} >= {"adam", "adamw", "adagrad", "rmsprop", "adadelta", "shampoo", "muon"}
+
+
+@pytest.mark.parametrize("name, hp", EPS_CASES, ids=[f"{n}-{h}" for n, h in EPS_CASES])
+def test_a_zero_eps_is_refused_by_name(name: str, hp: str) -> None:
+    """torch.optim accepts eps=0; here it is refused: a coordinate whose gradient has always been 0 would give
+    0/0. Where 0 is safe the step on such a coordinate stays finite."""
+    params = make_params()
+    if (name, hp) in EPS_ZERO_OK:
+        opt = make(name, params, **{hp: 0.0})
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        assert all(torch.isfinite(p).all() for p in params)
+        return
+    with pytest.raises(ValueError, match=rf"{hp} must be a finite number > 0, got 0.0: .*0/0"):
+        make(name, params, **{hp: 0.0})
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_validation_and_coefficients_change_nothing(name: str) -> None:
+    """_validate only checks (derived group entries are set by _init_group); _coefficients only reads state
+    (scalar state such as NAdam's running product moves in _advance, once per step)."""
+    params = make_params()
+    opt = make(name, params)
+    run(opt, params, 2)
+    fresh = {k: v for k, v in opt.param_groups[-1].items() if k not in ("base_lr",)}  # as a new group
+    before = {k: v if k == "params" else copy.deepcopy(v) for k, v in fresh.items()}
+    opt._validate(fresh)
+    assert fresh.keys() == before.keys() and all(fresh[k] is before[k] or fresh[k] == before[k] for k in fresh)
+    for group in opt.param_groups:
+        ps = [p for p in group["params"] if p in opt.state]
+        states = [opt.state[p] for p in ps]
+        snapshot = copy.deepcopy(states)
+        step = int(states[0]["step"].item()) + 1 if "step" in states[0] else 2
+        opt._coefficients(group, step, states)
+        for s, saved in zip(states, snapshot):
+            assert s.keys() == saved.keys() and all(torch.equal(s[k], saved[k]) for k in s), name
+
+
+def test_adabound_built_with_lr_0_takes_its_first_positive_lr_as_eta_0() -> None:
+    """Its bounds are final_lr * lr / eta_0: with eta_0 the lr at construction, a warmup from lr=0 kept them at 0
+    forever; eta_0 is now the first positive lr (a group whose lr stays 0 stays put)."""
+    params = make_params()
+    opt = stochopt.AdaBound(params, lr=0.0, final_lr=0.1)
+    before = [p.detach().clone() for p in params]
+    run(opt, params, 1)
+    assert all(torch.equal(p, b) for p, b in zip(params, before))  # lr 0: no step
+    opt.param_groups[0]["lr"] = 0.01  # a warmup's first positive lr
+    run(opt, params, 1, start=1)
+    group = opt.param_groups[0]
+    assert group["base_lr"] == group["lr"] > 0
+    c = opt._coefficients(group, 2, [])
+    assert c["upper"] == pytest.approx(0.1 * (1 + 1 / (1e-3 * 2)))  # final_lr * lr / eta_0 = final_lr
+    assert not all(torch.equal(p, b) for p, b in zip(params, before))
+
+
 def test_nesterov_needs_momentum() -> None:
     with pytest.raises(ValueError, match="nesterov.*momentum=0"):
         stochopt.SGD(make_params(), lr=0.1, nesterov=True)
@@ -277,6 +342,45 @@ def test_state_dtype_can_be_chosen() -> None:
     assert opt.state[p]["exp_avg"].dtype == torch.bfloat16
     with pytest.raises(TypeError, match="state_dtype"):
         stochopt.Adam([p], state_dtype="float32")
+
+
+def _stored_state(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The state tensors that follow the optimizer's state dtype (its layout's ``dtype="state"`` specs)."""
+    tensors = []
+    for group in opt.param_groups:
+        layout = opt._layout(group)
+        for p in group["params"]:
+            names = [spec.name for spec in layout if spec.dtype == "state" and spec.applies_to(p)]
+            tensors += [opt.state[p][name] for name in names if name in opt.state[p]]
+    return tensors
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bfloat16_state_is_a_storage_format(name: str) -> None:
+    """state_dtype=torch.bfloat16 on float32 params means the same in every optimizer (the engine's paths and the
+    own step loops of Shampoo, Muon, AdaFisher): float32 math and float32 params, the state rounded to bfloat16
+    once per step. Reference: the float32-state optimizer whose state is rounded to bfloat16 after every step,
+    bit for bit (loop path; tests/optim/test_state_dtype.py checks the other paths by value)."""
+    params, ref_params = make_params(dtype=torch.float32), make_params(dtype=torch.float32)
+    # state starts at its init value stored in bfloat16 (Adagrad's 0.1: 0.10009765625); the reference's first
+    # step reads its init unrounded, so the init is one that bfloat16 holds
+    extra = {"initial_accumulator_value": 0.125} if name == "adagrad" else {}
+    opt = make(name, params, state_dtype=torch.bfloat16, foreach=False, **extra)
+    ref = make(name, ref_params, foreach=False, **extra)
+    for t in range(20):
+        set_grads(params, t)
+        set_grads(ref_params, t)
+        opt.step()
+        ref.step()
+        with torch.no_grad():
+            for value in _stored_state(ref):
+                value.copy_(value.bfloat16().float())
+    assert_same(params, ref_params, rtol=0, atol=0)
+    ours, theirs = _stored_state(opt), _stored_state(ref)
+    assert ours and len(ours) == len(theirs)
+    for x, y in zip(ours, theirs):
+        assert x.dtype == torch.bfloat16 and torch.equal(x.float(), y)
+    assert all(p.dtype == torch.float32 for p in params)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -89,3 +89,27 @@ def test_batch_size_clipping_and_constant_schedule_from_the_search_space(regress
             for p, g in zip(model.parameters(), grads):
                 p -= 0.1 * g * min(1.0, 0.001 / (float(norm) + 1e-6))
     assert result.curve[-1][2] == pytest.approx(regression.evaluate(model), rel=1e-6)
+
+
+def test_optimizer_train_and_eval_modes_around_each_evaluation():
+    """Schedule-Free's convention: train() before the first step, eval() before each evaluation (the workload
+    evaluates the optimizer's evaluation weights), train() after it, and no step in eval mode."""
+    import faulty
+
+    workload = faulty.Recording()
+    workload.setup()
+    algorithm = load_algorithm("faulty:TrainEvalSGD")
+    faulty.LOG.clear()
+    result = run_trial(workload, algorithm, algorithm.point({"lr": 0.05, "warmup_fraction": 0.0}), 0, 12)
+    log = faulty.LOG
+    assert not result.failed and [step for step, _, _ in result.curve] == [0, 5, 10, 12]
+    kinds = [entry[0] for entry in log]
+    evaluation = ["eval", "evaluate", "train"]
+    assert kinds == ["train", *evaluation, *(["step"] * 5 + evaluation) * 2, "step", "step", *evaluation]
+    for i, kind in enumerate(kinds):
+        if kind == "evaluate":
+            eval_weights, evaluated, training = log[i - 1][1], log[i][1], log[i][2]
+            assert evaluated == eval_weights and not training  # the eval-mode weights, the model in eval mode
+            following = next((e for e in log[i + 1 :] if e[0] == "step"), None)
+            if following is not None:  # back to the training weights for the next step
+                assert following[1] == pytest.approx([w - 1000.0 for w in eval_weights], abs=1e-3)

@@ -9,9 +9,13 @@ from stochopt.bench.scoring import (
     median_over_studies,
     performance_profile,
     performance_ratios,
+    relative_step_cost,
     speedup,
+    spread,
+    study_speedups,
     study_time,
     summary,
+    within_noise,
 )
 
 INF = math.inf
@@ -96,3 +100,45 @@ def test_study_and_median_reductions_with_infinities():
     assert median_over_studies([1.0, INF, INF]) == INF
     assert median_over_studies([1.0, 3.0]) == 2.0
     assert median_over_studies([1.0, INF]) == INF
+
+
+# ----- spread over studies, paired speed-ups, step-based scores and step costs, by hand ----------------------------
+# two workloads, three studies each (study i of every algorithm shares its trial seeds); seconds and steps
+STUDIES_S = {
+    "w1": {"nadamw": [2.0, 4.0, 3.0], "fast": [1.0, 1.0, 1.5], "close": [2.5, 3.5, 4.5]},
+    "w2": {"nadamw": [10.0, 10.0, 10.0], "fast": [5.0, INF, 5.0], "close": [9.0, 11.0, 10.0]},
+}
+
+
+def test_paired_speedups_per_study_by_hand():
+    # study 0: sqrt(2/1 * 10/5) = 2; study 1: only w1 (fast missed w2): 4/1 = 4; study 2: sqrt(3/1.5 * 10/5) = 2
+    assert study_speedups(STUDIES_S, "fast", "nadamw") == pytest.approx([2.0, 4.0, 2.0])
+    close = study_speedups(STUDIES_S, "close", "nadamw")
+    assert close == pytest.approx([math.sqrt(2 / 2.5 * 10 / 9), math.sqrt(4 / 3.5 * 10 / 11), math.sqrt(3 / 4.5)])
+    assert min(close) < 1.0 < max(close)  # its speed-up range includes 1: within noise
+    assert study_speedups({"w": {"nadamw": [INF], "fast": [1.0]}}, "fast", "nadamw") == []
+
+
+def test_within_noise_is_overlap_of_finite_ranges():
+    assert within_noise([2.5, 3.5, 4.5], [2.0, 4.0, 3.0])
+    assert not within_noise([1.0, 1.0, 1.5], [2.0, 4.0, 3.0])
+    assert not within_noise([5.0, INF, 5.0], [10.0, 10.0, 10.0])  # a missed study: not a finite range
+    assert spread([3.0, 1.0, 2.0]) == (1.0, 3.0) and spread([]) == (INF, INF)
+
+
+def test_relative_step_cost_by_hand():
+    costs = {"w1": {"nadamw": 0.002, "muon": 0.004}, "w2": {"nadamw": 0.001, "muon": 0.004}}
+    ratio, n = relative_step_cost(costs, "muon", "nadamw")
+    assert n == 2 and ratio == pytest.approx(math.sqrt(2 * 4))
+
+
+def test_step_and_second_scores_can_rank_differently():
+    """A dear-per-step algorithm (fewer steps, more seconds) wins in steps and loses in seconds, as AlgoPerf's
+    v0.6 analysis found for Muon: both rankings are computed from one set of trials, by hand here."""
+    seconds = {"w1": {"a": 1.0, "b": 2.0}, "w2": {"a": 1.0, "b": 1.5}}
+    steps = {"w1": {"a": 400.0, "b": 200.0}, "w2": {"a": 300.0, "b": 300.0}}
+    assert benchmark_score(performance_ratios(seconds), "a") == 1.0
+    assert benchmark_score(performance_ratios(seconds), "b") == pytest.approx(((4 - 2) + (4 - 1.5)) / 3 / 2)
+    assert benchmark_score(performance_ratios(steps), "b") == 1.0
+    assert benchmark_score(performance_ratios(steps), "a") == pytest.approx(((4 - 2) + (4 - 1)) / 3 / 2)
+    assert performance_profile(performance_ratios(steps), "a", [1.0, 2.0]) == [0.5, 1.0]

@@ -60,7 +60,7 @@ def test_external_tuning_end_to_end_with_report(tmp_path):
     report = write_report(result, tmp_path / "report")
     for name in ("report.md", "report.html", "profiles.png", "results.csv", "results.json"):
         assert (tmp_path / "report" / name).stat().st_size > 0
-    assert "| benchmark score |" in report.read_text()
+    assert "| benchmark score (seconds) |" in report.read_text() and "| benchmark score (steps) |" in report.read_text()
     data = json.loads((tmp_path / "report" / "results.json").read_text())
     assert len(data["trials"]) == 16 and data["trials"][0]["result"]["curve"][0][0] == 0
     assert len((tmp_path / "report" / "results.csv").read_text().splitlines()) == 17

@@ -111,3 +111,31 @@ def test_bad_arguments() -> None:
         stochopt.Adafactor(make_params(), eps=1e-3)
     with pytest.raises(ValueError, match="beta1"):
         stochopt.Adafactor(make_params(), beta1=1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, pattern",
+    [
+        (dict(eps=(0.0, 1e-3)), ValueError, r"eps\[0\] must be a finite number > 0, got 0.0: .*0/0"),
+        (dict(eps=(None, 0.0)), ValueError, r"eps\[1\] must be a finite number > 0, got 0.0: .*never moves"),
+        (dict(d=None), TypeError, r"d \(the update clipping threshold\) must be a number, got NoneType None"),
+        (dict(d="1"), TypeError, r"d \(the update clipping threshold\) must be a number, got str"),
+        (dict(d=0.5), ValueError, r"d \(the update clipping threshold\) must be a number >= 1, got 0.5"),
+        (dict(beta2_decay=None), TypeError, r"beta2_decay must be a number, got NoneType"),
+    ],
+)
+def test_values_that_can_only_give_nan_or_nonsense_are_refused(kwargs, error, pattern) -> None:
+    with pytest.raises(error, match=pattern):
+        stochopt.Adafactor(make_params(), **kwargs)
+
+
+def test_smallest_eps1_keeps_a_never_seen_coordinate_finite() -> None:
+    """eps1 = 0 made 0/0 on a coordinate whose gradient is always 0, and RMS clipping spread the NaN over the
+    whole tensor; any eps1 > 0 (here the dtype's tiniest) keeps it finite."""
+    p = torch.randn(8, 6, dtype=torch.float64).requires_grad_()
+    opt = stochopt.Adafactor([p], lr=0.01, eps=(torch.finfo(torch.float64).tiny, 1e-3))
+    for _ in range(3):
+        p.grad = torch.randn(8, 6, dtype=torch.float64)
+        p.grad[:, 0] = 0.0
+        opt.step()
+    assert torch.isfinite(p).all()

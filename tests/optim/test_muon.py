@@ -60,6 +60,132 @@ def test_newton_schulz_orthogonalizes() -> None:
     assert (x * q).sum() / (x.norm() * q.norm()) > 0.95  # nearly the direction of U V^T
 
 
+def ns_reference(g: torch.Tensor, steps: int = 5, coefficients=(3.4445, -4.7750, 2.0315), eps: float = 1e-7):
+    """Jordan et al.'s quintic Newton-Schulz in float64, from the equations: X_0 = G / max(||G||_F, eps) (G^T if
+    G is tall), X_{k+1} = a X_k + b A_k X_k + c A_k^2 X_k with A_k = X_k X_k^T."""
+    a, b, c = coefficients
+    x = g.double()
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    x = x / max(torch.linalg.vector_norm(x).item(), eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + b * (gram @ x) + c * (gram @ (gram @ x))
+    return x.T if tall else x
+
+
+# tall (transposed), wide, square, a row and a column, and a matrix whose norm (~2e-8) is below eps = 1e-7
+NS_INPUTS = [((24, 16), 1.0), ((16, 40), 1.0), ((9, 9), 1e-3), ((1, 8), 1.0), ((8, 1), 1.0), ((24, 16), 1e-9)]
+
+
+def ns_inputs(dtype: torch.dtype) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    return [(torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype) for shape, scale in NS_INPUTS]
+
+
+def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+# Tolerances of the low-precision iterations against float64, as relative Frobenius errors. bfloat16 (eps = 2^-7):
+# the input and X after each of the 5 steps are rounded to bfloat16, a relative error of up to eps/2 each (the
+# CPU and GPU matmuls accumulate in float32, which adds nothing at this scale); 7 such roundings, partly amplified
+# (the slope a = 3.44 of the iteration at 0 stretches the errors in the small singular directions), measure
+# 0.9e-2 to 1.7e-2 here, 1.2 to 2.2 eps. float32 (eps = 1.2e-7): the same roundings plus each matmul's float32
+# accumulation; measured <= 1.4e-6 (12 eps; 300 x 256 included). The bounds, 4 eps and 64 eps, leave about 2x
+# and 5x over those and stay below what a 1% change of one coefficient makes (5e-2 to 1.3e-1).
+NS_TOLERANCE = {torch.bfloat16: 4 * torch.finfo(torch.bfloat16).eps, torch.float32: 64 * torch.finfo(torch.float32).eps}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bfloat16", "float32"])
+def test_newton_schulz_matches_a_float64_loop_within_its_rounding(dtype: torch.dtype) -> None:
+    """Both dtypes default_ns_dtype can choose, from float32 inputs (a float32 model's momentum)."""
+    for g in ns_inputs(torch.float32):
+        x = newton_schulz(g, dtype=dtype)
+        assert x.dtype == dtype and x.shape == g.shape
+        assert relative_error(x, ns_reference(g)) < NS_TOLERANCE[dtype]
+
+
+def test_newton_schulz_default_dtype_is_that_iteration() -> None:
+    """ns_dtype=None is the iteration in default_ns_dtype (bfloat16 or float32 by the machine), bit for bit, and
+    within that dtype's tolerance of the float64 loop."""
+    dtype = default_ns_dtype(torch.device("cpu"))
+    assert dtype in NS_TOLERANCE
+    for g in ns_inputs(torch.float32):
+        x = newton_schulz(g)
+        assert torch.equal(x, newton_schulz(g, dtype=dtype))
+        assert relative_error(x, ns_reference(g)) < NS_TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize(
+    "options", [{}, dict(steps=3, coefficients=(3.0, -3.2, 1.2), eps=1e-5)], ids=["default", "other"]
+)
+def test_newton_schulz_in_float64_is_the_loop(options: dict) -> None:
+    for g in ns_inputs(torch.float64):
+        x = newton_schulz(g, dtype=torch.float64, **options)
+        assert x.dtype == torch.float64
+        torch.testing.assert_close(x, ns_reference(g, **options), rtol=1e-10, atol=1e-10)
+
+
+def muon_reference(params: list[torch.Tensor], muon: list[bool], steps: int, hp: dict, lrs: list[float]) -> None:
+    """Muon on the matrices (``muon[i]``) and AdamW on the rest, in float64, from the equations of muon.py's
+    docstring: B = mu B + (1 - mu) g, the Nesterov direction (1 - mu) g + mu B, W <- (1 - lr wd) W - lr s O."""
+    mu, wd, nesterov = hp["momentum"], hp["weight_decay"], hp["nesterov"]
+    (b1, b2), adam_eps = hp["adamw_betas"], hp["adamw_eps"]
+    ns = dict(steps=hp["ns_steps"], coefficients=hp["ns_coefficients"], eps=hp["eps"])
+    states = [dict(b=torch.zeros_like(p), m=torch.zeros_like(p), v=torch.zeros_like(p)) for p in params]
+    for t in range(1, steps + 1):
+        set_grads(params, t - 1)
+        with torch.no_grad():
+            for p, owned, st, lr in zip(params, muon, states, lrs):
+                g = p.grad
+                p.mul_(1 - lr * wd)
+                if owned:
+                    rows, cols = p.shape[0], p[0].numel()
+                    st["b"] = mu * st["b"] + (1 - mu) * g
+                    u = (1 - mu) * g + mu * st["b"] if nesterov else st["b"]
+                    if hp["adjust_lr_fn"] == "match_rms_adamw":
+                        scale = 0.2 * max(rows, cols) ** 0.5
+                    else:
+                        scale = max(1.0, rows / cols) ** 0.5
+                    p.sub_(lr * scale * ns_reference(u.reshape(rows, cols), **ns).reshape(p.shape))
+                else:
+                    st["m"] = b1 * st["m"] + (1 - b1) * g
+                    st["v"] = b2 * st["v"] + (1 - b2) * g * g
+                    m_hat, v_hat = st["m"] / (1 - b1**t), st["v"] / (1 - b2**t)
+                    p.sub_(lr * m_hat / (v_hat.sqrt() + adam_eps))
+
+
+MUON_CASES = {
+    "nesterov-original": dict(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True, adjust_lr_fn=None),
+    "heavy-ball-match-rms": dict(lr=0.01, weight_decay=0.01, momentum=0.9, nesterov=False,
+                                 adjust_lr_fn="match_rms_adamw"),
+    "coefficients-3-steps": dict(lr=0.02, weight_decay=0.05, momentum=0.8, nesterov=True, adjust_lr_fn="original",
+                                 ns_coefficients=(3.0, -3.2, 1.2), ns_steps=3, eps=1e-5),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(MUON_CASES))
+def test_muon_step_matches_a_float64_loop(case: str, path: dict) -> None:
+    """100 steps, every path: Muon's matrices (tall, wide, square, a conv kernel) with ns_dtype=float64, and the
+    AdamW part (vectors by the default rule; a use_muon=False group with its own lr, holding a 300 x 256 matrix,
+    which the fused path runs through its compiled kernel)."""
+    defaults = dict(ns_coefficients=(3.4445, -4.7750, 2.0315), ns_steps=5, eps=1e-7)
+    hp = {**defaults, "adamw_betas": (0.8, 0.99), "adamw_eps": 1e-6, **MUON_CASES[case]}
+    shapes = [(24, 16), (16, 40), (9, 9), (6, 3, 2, 2), (7,), (1,), (300, 256), (11,)]
+    params = make_params(shapes)
+    ref_params = clone_params(params)
+    opt = stochopt.Muon(
+        [{"params": params[:6]}, {"params": params[6:], "use_muon": False, "lr": 3e-3}],
+        ns_dtype=torch.float64, **hp, **path,
+    )  # fmt: skip
+    run(opt, params, 100)
+    muon_reference(ref_params, [True] * 4 + [False] * 4, 100, hp, [hp["lr"]] * 6 + [3e-3] * 2)
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-10)
+
+
 def test_other_params_get_adamw() -> None:
     """Vectors (default rule) and a use_muon=False matrix follow torch.optim.AdamW with adamw_betas/adamw_eps."""
     params = make_params([(8, 5), (7,), (3,)])

@@ -42,8 +42,12 @@ def qhadam_ref(lr, b1, b2, nu1, nu2, eps, wd):
     return update
 
 
-def adabound_ref(lr, b1, b2, final_lr, gamma, eps, wd, amsbound):
+def adabound_ref(lr, b1, b2, final_lr, gamma, eps, wd, amsbound, lr_at=None):
+    """``lr_at(t)``: the lr of step t under a scheduler (None: ``lr`` throughout). As in the authors' adabound
+    package, the bounds follow the lr: final_lr * lr_t / lr, lr being the lr the optimizer was built with."""
+
     def update(t, p, g, st):
+        lr_t = lr if lr_at is None else lr_at(t)
         g = g + wd * p
         st["m"] = b1 * st.get("m", torch.zeros_like(p)) + (1 - b1) * g
         st["v"] = b2 * st.get("v", torch.zeros_like(p)) + (1 - b2) * g * g
@@ -51,9 +55,10 @@ def adabound_ref(lr, b1, b2, final_lr, gamma, eps, wd, amsbound):
         if amsbound:
             st["vmax"] = torch.maximum(st.get("vmax", torch.zeros_like(p)), v)
             v = st["vmax"]
-        step_size = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
-        lower = final_lr * (1 - 1 / (gamma * t + 1))
-        upper = final_lr * (1 + 1 / (gamma * t))
+        step_size = lr_t * math.sqrt(1 - b2**t) / (1 - b1**t)
+        final_lr_t = final_lr * lr_t / lr
+        lower = final_lr_t * (1 - 1 / (gamma * t + 1))
+        upper = final_lr_t * (1 + 1 / (gamma * t))
         p -= torch.clamp(step_size / (torch.sqrt(v) + eps), lower, upper) * st["m"]
 
     return update
@@ -97,6 +102,43 @@ def test_matches_reference_loop(name: str, hp: dict, update, path: dict) -> None
     opt = getattr(stochopt, name)(ours_params, **hp, **path)
     run(opt, ours_params, 200)
     reference_run(ref_params, 200, update)
+    assert_same(ours_params, ref_params, rtol=1e-10, atol=1e-10)
+
+
+# The scheduler steps after each optimizer step, so step t (from 1) runs at the lr of t - 1 scheduler steps; the
+# reference computes that lr from the schedule's formula, not from the scheduler.
+SCHEDULED_ADABOUND = {
+    "AdaBound-LambdaLR-decay": (
+        dict(lr=0.01, betas=(0.9, 0.999), final_lr=0.1, gamma=1e-2, weight_decay=0.01),
+        lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 0.98**s),
+        lambda t: 0.01 * 0.98 ** (t - 1),
+    ),
+    "AdaBound-LambdaLR-warmup": (
+        dict(lr=0.02, betas=(0.8, 0.99), final_lr=0.05, gamma=5e-2, eps=1e-6),
+        lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / 40)),
+        lambda t: 0.02 * min(1.0, t / 40),
+    ),
+    "AMSBound-StepLR": (
+        dict(lr=0.01, final_lr=0.1, gamma=1e-2, weight_decay=0.01, amsbound=True),
+        lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=30, gamma=0.3),
+        lambda t: 0.01 * 0.3 ** ((t - 1) // 30),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SCHEDULED_ADABOUND))
+def test_adabound_under_a_scheduler_matches_reference_loop(case: str, path: dict) -> None:
+    """The bounds move with lr / (lr at construction) and the step size with lr, over 150 steps in every path."""
+    hp, scheduler, lr_at = SCHEDULED_ADABOUND[case]
+    ours_params = make_params()
+    ref_params = clone_params(ours_params)
+    opt = stochopt.AdaBound(ours_params, **hp, **path)
+    run(opt, ours_params, 150, scheduler=scheduler(opt))
+    defaults = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsbound=False)
+    h = {**defaults, **hp}
+    update = adabound_ref(hp["lr"], *h["betas"], h["final_lr"], h["gamma"], h["eps"], h["weight_decay"],
+                          h["amsbound"], lr_at=lr_at)  # fmt: skip
+    reference_run(ref_params, 150, update)
     assert_same(ours_params, ref_params, rtol=1e-10, atol=1e-10)
 
 

@@ -31,6 +31,7 @@ class Reference:
         self.hp = hp
         self.m = torch.zeros_like(p)
         self.v = torch.zeros_like(p)
+        self.recomputations = 0  # how often the roots were computed: the test needs reuse between two of them
         if p.dim() > 1:
             rows, cols = p.shape[0], p[0].numel()
             max_dim = hp.get("max_preconditioner_dim", 10**9)
@@ -62,6 +63,7 @@ class Reference:
             if t >= start and (t - start) % freq == 0:
                 self.L_root[i] = inverse_fourth_root(self.L[i], eps)
                 self.R_root[i] = inverse_fourth_root(self.R[i], eps)
+                self.recomputations += i == 0
             if t < start:
                 U[b] = D2[b] if grafting != "none" else M2[b]
                 continue
@@ -70,10 +72,10 @@ class Reference:
         p.sub_(lr * U.reshape(p.shape))
 
 
-def run_both(shapes, hp: dict, steps: int) -> tuple[list, list, stochopt.Shampoo]:
+def run_both(shapes, hp: dict, steps: int, path: dict | None = None) -> tuple[list, list, stochopt.Shampoo, list]:
     params = make_params(shapes)
     ref_params = clone_params(params)
-    opt = stochopt.Shampoo(params, **hp)
+    opt = stochopt.Shampoo(params, **hp, **(path or {}))
     refs = [Reference(p.detach(), hp) for p in ref_params]
     for t in range(1, steps + 1):
         set_grads(params, t)
@@ -82,7 +84,7 @@ def run_both(shapes, hp: dict, steps: int) -> tuple[list, list, stochopt.Shampoo
         with torch.no_grad():
             for ref, p in zip(refs, ref_params):
                 ref.step(p, p.grad, t)
-    return params, ref_params, opt
+    return params, ref_params, opt, refs
 
 
 CASES = {
@@ -94,13 +96,22 @@ CASES = {
     "blocks-adagrad-graft-every-3-from-4": dict(lr=0.05, betas=(0.5, 1.0), eps=1e-10, precondition_frequency=3,
                                                 start_preconditioning_step=4, grafting="adagrad",
                                                 max_preconditioner_dim=3),
+    # the roots are recomputed at steps 5, 15, ..., 95 and reused for the 9 steps in between, while the
+    # statistics, the momentum and the grafted norms move every step
+    "blocks-adam-graft-every-10-from-5": dict(lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01,
+                                              precondition_frequency=10, start_preconditioning_step=5,
+                                              grafting="adam", max_preconditioner_dim=4),
 }  # fmt: skip
+
+STEPS = 100
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_reference(case: str) -> None:
+def test_matches_reference(case: str, path: dict) -> None:
+    """100 steps in every execution path (Shampoo accepts foreach/fused; its matrix work is the same in each)."""
     shapes = [(5, 3), (4, 6), (3, 2, 2, 2), (7,), (6, 10)]
-    params, ref_params, opt = run_both(shapes, CASES[case], 25)
+    params, ref_params, opt, refs = run_both(shapes, CASES[case], STEPS, path)
+    assert min(ref.recomputations for ref, p in zip(refs, params) if p.dim() > 1) >= 2
     for p, q in zip(params, ref_params):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-10)
     if "max_preconditioner_dim" in CASES[case]:  # the 6 x 10 matrix is split into blocks

@@ -28,6 +28,7 @@ import importlib
 import importlib.resources
 import inspect
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,26 +175,41 @@ def parse_space(text: str, name: str, source: str) -> Algorithm:
     for table in ("fixed", "schedule", "defaults", "search"):
         if not isinstance(data.get(table, {}), dict):
             raise fail(f"[{table}] must be a table")
+    if not isinstance(data.get("description", ""), str):
+        raise fail(f"description must be a string, got {data['description']!r}")
+    if not isinstance(data.get("sparse_gradients", False), bool):
+        raise fail(f"sparse_gradients must be true or false, got {data['sparse_gradients']!r}")
     schedule = data.get("schedule", {})
     if unknown := set(schedule) - {"decay", "final_lr_ratio"}:
         raise fail(f"[schedule] has unknown keys {sorted(unknown)}; known: decay, final_lr_ratio")
     decay = schedule.get("decay", "cosine")
     if decay not in DECAYS:
         raise fail(f"[schedule] decay = {decay!r}; known: {', '.join(DECAYS)}")
+    ratio = schedule.get("final_lr_ratio", 0.0)
+    if not _is_number(ratio) or not 0 <= ratio <= 1:
+        raise fail(f"[schedule] final_lr_ratio must be a number in [0, 1], got {ratio!r}")
     search = {}
     for key, spec in data.get("search", {}).items():
         allowed = {"low", "high", "log", "integer"}
         if not isinstance(spec, dict) or not {"low", "high"} <= set(spec) or set(spec) - allowed:
             raise fail(f"[search] {key} must be {{low = ..., high = ..., log = true|false, integer = true|false}}")
-        try:
-            low, high = float(spec["low"]), float(spec["high"])
-        except (TypeError, ValueError):
-            raise fail(f"[search] {key}: low and high must be numbers, got {spec['low']!r}, {spec['high']!r}") from None
+        low, high = spec["low"], spec["high"]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
+            raise fail(f"[search] {key}: low and high must be numbers, got {low!r}, {high!r}")
+        if not (_is_number(low) and _is_number(high)):
+            raise fail(f"[search] {key}: low and high must be finite, got {low!r}, {high!r}")
+        for flag in ("log", "integer"):
+            if not isinstance(spec.get(flag, False), bool):
+                raise fail(f"[search] {key}: {flag} must be true or false, got {spec[flag]!r}")
+        log, integer = spec.get("log", False), spec.get("integer", False)
+        if integer and not (float(low).is_integer() and float(high).is_integer()):
+            raise fail(f"[search] {key}: an integer range needs integer bounds, got low = {low!r}, high = {high!r}")
+        low, high = float(low), float(high)
         if not low < high:
             raise fail(f"[search] {key}: low ({low}) must be below high ({high})")
-        if spec.get("log", False) and low <= 0:
+        if log and low <= 0:
             raise fail(f"[search] {key}: a log range needs low > 0, got {low}")
-        search[key] = Range(low, high, bool(spec.get("log", False)), bool(spec.get("integer", False)))
+        search[key] = Range(low, high, log, integer)
     algorithm = Algorithm(
         name=name, optimizer=data["optimizer"], description=str(data.get("description", "")),
         fixed=dict(data.get("fixed", {})), defaults=dict(data.get("defaults", {})), search=search, decay=decay,
@@ -203,6 +219,8 @@ def parse_space(text: str, name: str, source: str) -> Algorithm:
     missing = set(search) - set(algorithm.defaults)
     if missing:
         raise fail(f"[defaults] lacks {sorted(missing)} (every searched key needs a default for self-tuning)")
+    if problem := _value_problem(algorithm):
+        raise fail(problem)
     try:
         cls = resolve_optimizer(algorithm.optimizer)
     except ValueError as err:
@@ -212,4 +230,66 @@ def parse_space(text: str, name: str, source: str) -> Algorithm:
         kwargs = optimizer_kwargs(cls, algorithm.point(), algorithm.fixed)
         if unknown := set(kwargs) - set(accepted):
             raise fail(f"{cls.__name__} takes no {sorted(unknown)}")
+    if problem := _optimizer_refusal(cls, algorithm):
+        raise fail(problem)
     return algorithm
+
+
+def _is_number(value: Any) -> bool:
+    """An int or float of TOML/JSON (a bool is not one), finite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _runner_problem(key: str, value: float) -> str | None:
+    """What is wrong with a value of one of the runner's own knobs (:data:`RUNNER_KEYS`), or None."""
+    if key == "warmup_fraction" and not 0 <= value <= 1:
+        return "must be in [0, 1]"
+    if key == "batch_size" and not (float(value).is_integer() and value >= 1):
+        return "must be a positive integer"
+    if key == "clip_norm" and not value > 0:
+        return "must be > 0"
+    return None
+
+
+def _value_problem(algorithm: Algorithm) -> str | None:
+    """The first bad value among the defaults and the ranges that the optimizer cannot judge itself: numbers where
+    the runner computes with them (searched keys, ``one_minus_*``, the runner's knobs) and the runner's ranges."""
+    for key, value in algorithm.defaults.items():
+        if key in algorithm.search or key in RUNNER_KEYS or key.startswith("one_minus_"):
+            if not _is_number(value):
+                return f"[defaults] {key} must be a number, got {value!r}"
+            if key in algorithm.search and algorithm.search[key].integer and not float(value).is_integer():
+                return f"[defaults] {key} must be an integer (its [search] range is integer), got {value!r}"
+            if key in RUNNER_KEYS and (problem := _runner_problem(key, value)):
+                return f"[defaults] {key} {problem}, got {value!r}"
+    for key, r in algorithm.search.items():
+        if key == "batch_size" and not r.integer:
+            return "[search] batch_size must be an integer range (integer = true)"
+        for end in ("low", "high"):
+            if key in RUNNER_KEYS and (problem := _runner_problem(key, getattr(r, end))):
+                return f"[search] {key}: {end} {problem}, got {getattr(r, end)!r}"
+    return None
+
+
+def _optimizer_refusal(cls: type[Optimizer], algorithm: Algorithm) -> str | None:
+    """Build the optimizer (:func:`build_optimizer`, as a run does) on a tiny model at the defaults and at each
+    searched key's two range ends (the others at their defaults): a value it refuses (a negative lr, a beta above
+    1) fails when the file is loaded, not in the middle of a run. The ValueError or TypeError it raises, as text;
+    None when every point builds."""
+    import warnings
+
+    points = [("[defaults]", {})]
+    for key, r in algorithm.search.items():
+        if key not in RUNNER_KEYS:
+            for end in ("low", "high"):
+                value = int(getattr(r, end)) if r.integer else getattr(r, end)
+                points.append((f"[search] {key} = {value} (the {end} end of its range)", {key: value}))
+    model = nn.Linear(2, 2)
+    for where, searched in points:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                build_optimizer(algorithm, model, algorithm.point(searched))
+        except (ValueError, TypeError) as err:
+            return f"{cls.__name__} refuses {where}: {err}"
+    return None

@@ -53,6 +53,11 @@ class RichProgress(ProgressSink):
         if key in self.tasks:
             self.progress.update(self.tasks[key], completed=step)
 
+    def retry(self, key: str, description: str, reason: str) -> None:
+        if key in self.tasks:  # its bar starts again from step 0
+            self.progress.update(self.tasks[key], completed=0)
+        self.progress.console.print(f"{description}: {reason}")
+
     def finish(self, key: str, description: str, result: TrialResult) -> None:
         if key in self.tasks:
             self.progress.remove_task(self.tasks.pop(key))

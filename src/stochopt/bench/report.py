@@ -11,42 +11,125 @@ from pathlib import Path
 from typing import Any
 
 from stochopt.bench.algorithms import BASELINES
-from stochopt.bench.scoring import TAU_MAX, Table, performance_profile, performance_ratios, summary
+from stochopt.bench.scoring import (
+    TAU_MAX,
+    Table,
+    algorithms_of,
+    performance_profile,
+    performance_ratios,
+    relative_step_cost,
+    spread,
+    study_speedups,
+    summary,
+    within_noise,
+)
 from stochopt.bench.storage import TrialRecord
-from stochopt.bench.suite import BenchmarkResult
+from stochopt.bench.suite import UNITS, BenchmarkResult
 
 BASELINE = BASELINES[0]  # speed-ups are against the first AlgoPerf baseline
 
 
-def _seconds(t: float, steps: float, ratio: float) -> str:
-    if not math.isfinite(t):
+UNIT_SUFFIX = {"seconds": " s", "steps": ""}
+SHORT_TRIAL = 1.0  # seconds: below this a time to target is within the clock noise of a shared machine
+INTRO = (
+    "Ruleset: **{ruleset}**; {trials} trials. Each cell: median over studies of the fastest trial's training time "
+    "to the validation target, in seconds and (rows marked steps) in steps, with its [min-max] over studies; "
+    "`inf`: missed, or slower than 4x the fastest. Score: normalized area under the performance profile on [1, 4] "
+    "(AlgoPerf), from seconds and from steps; speed-up: geometric mean of t({baseline}) / t over the workloads "
+    "both reached (their number in parentheses), [min-max] over studies paired by index; step cost: seconds per "
+    "step relative to {baseline}'s."
+)
+
+
+def _cell(times: list[float], median: float, ratio: float, unit: str) -> str:
+    """The median over studies, its min-max over them when there are several, or why it is infinite."""
+    if not math.isfinite(median):
         return "inf"
-    return f"{t:.2f} s ({int(steps)})" + ("" if math.isfinite(ratio) else f" >{TAU_MAX:g}x: inf")
+    fmt = (lambda t: f"{t:.2f}") if unit == "seconds" else (lambda t: f"{t:.0f}")
+    text = fmt(median) + UNIT_SUFFIX[unit]
+    if len(times) > 1:
+        low, high = spread(times)
+        text += f" [{fmt(low)}-{fmt(high) if math.isfinite(high) else 'inf'}]"
+    return text + ("" if math.isfinite(ratio) else f" >{TAU_MAX:g}x: inf")
 
 
 def _number(x: float, fmt: str = ".3f") -> str:
     return format(x, fmt) if math.isfinite(x) else "-"
 
 
-def _speedup(value: float, workloads: int) -> str:
-    """The geometric-mean speed-up and the number of workloads it is over, e.g. "1.75x (2)", or "- (0)"."""
-    return f"{value:.2f}x ({workloads})" if math.isfinite(value) else f"- ({workloads})"
+def _speedup(value: float, workloads: int, per_study: list[float] | None = None) -> str:
+    """The geometric-mean speed-up and the number of workloads it is over, e.g. "1.75x (2)", or "- (0)", with its
+    min-max over studies when there are several."""
+    if not math.isfinite(value):
+        return f"- ({workloads})"
+    text = f"{value:.2f}x ({workloads})"
+    if per_study and len(per_study) > 1:
+        text += f" [{min(per_study):.2f}-{max(per_study):.2f}]"
+    return text
+
+
+def time_rows(result: BenchmarkResult, unit: str) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): per workload and algorithm, the median over studies of the time to target in ``unit``
+    (seconds or steps), with its min-max over studies."""
+    studies, table = result.studies(unit), result.table(unit)
+    algorithms = list(next(iter(table.values()), {}))
+    ratios = performance_ratios(table)
+    rows = [[w, *(_cell(studies[w][a], table[w][a], ratios[w][a], unit) for a in algorithms)] for w in table]
+    return ["workload", *algorithms], rows
+
+
+def score_rows(result: BenchmarkResult) -> list[list[str]]:
+    """Benchmark scores and speed-ups against NAdamW in seconds and in steps, and what a step costs."""
+    algorithms = result.algorithms or algorithms_of(result.table())
+    rows = []
+    for unit in UNITS:
+        scores = summary(result.table(unit), BASELINE)
+        rows.append([f"benchmark score ({unit})", *(_number(scores[a]["score"]) for a in algorithms)])
+    if BASELINE not in algorithms:
+        return rows
+    for unit in UNITS:
+        scores, studies = summary(result.table(unit), BASELINE), result.studies(unit)
+        rows.append([f"speed-up vs {BASELINE} ({unit})", *(
+            _speedup(scores[a]["speedup"], scores[a]["speedup_workloads"], study_speedups(studies, a, BASELINE))
+            for a in algorithms)])  # fmt: skip
+    costs = result.step_costs()
+    rows.append([f"step cost vs {BASELINE}", *(_speedup(*relative_step_cost(costs, a, BASELINE)) for a in algorithms)])
+    return rows
+
+
+def noise_notes(result: BenchmarkResult) -> list[str]:
+    """Where the studies do not settle a ranking: algorithms within noise of a workload's fastest (their
+    min-max over studies overlap), and speed-ups whose min-max over studies includes 1."""
+    notes = []
+    for workload, times in result.table("seconds").items():
+        finite = [t for t in times.values() if math.isfinite(t)]
+        if finite and max(finite) < SHORT_TRIAL:
+            notes.append(f"{workload}: every time to target is under {SHORT_TRIAL:g} s, where a shared machine's clock "
+                         "noise is as large as the differences: compare its steps")  # fmt: skip
+    for unit in UNITS:
+        studies, table = result.studies(unit), result.table(unit)
+        for workload, times in table.items():
+            finite = {a: t for a, t in times.items() if math.isfinite(t)}
+            if len(finite) < 2 or min(len(studies[workload][a]) for a in finite) < 2:
+                continue
+            best = min(finite, key=finite.get)
+            close = [a for a in finite if a != best and within_noise(studies[workload][a], studies[workload][best])]
+            if close:
+                notes.append(f"{workload} ({unit}): {', '.join(close)} within noise of the fastest, {best}")
+        for algorithm in algorithms_of(table):
+            gains = study_speedups(studies, algorithm, BASELINE)
+            if algorithm != BASELINE and len(gains) > 1 and min(gains) <= 1.0 <= max(gains):
+                notes.append(f"{algorithm} vs {BASELINE} ({unit}): within noise, speed-up "
+                             f"{min(gains):.2f}-{max(gains):.2f}x over {len(gains)} studies")  # fmt: skip
+    return notes
 
 
 def tables(result: BenchmarkResult) -> tuple[list[str], list[list[str]], list[list[str]]]:
-    """(header, time rows, score rows) of the summary: time to target (steps) per workload and algorithm, then the
-    benchmark score and the geometric-mean speed-up against NAdamW per algorithm."""
-    seconds, steps = result.table("seconds"), result.table("steps")
-    algorithms = list(next(iter(seconds.values()), {}))
-    header = ["workload", *algorithms]
-    ratios = performance_ratios(seconds)
-    rows = [[w, *(_seconds(seconds[w][a], steps[w][a], ratios[w][a]) for a in algorithms)] for w in seconds]
-    scores = summary(seconds, BASELINE)
-    score_rows = [["benchmark score", *(_number(scores[a]["score"]) for a in algorithms)]]
-    if BASELINE in algorithms:
-        gains = [_speedup(scores[a]["speedup"], scores[a]["speedup_workloads"]) for a in algorithms]
-        score_rows.append([f"speed-up vs {BASELINE}", *gains])
-    return header, rows, score_rows
+    """(header, time rows, score rows) of the summary: time to target in seconds and in steps per workload and
+    algorithm (median [min-max] over studies), then the scores (:func:`score_rows`)."""
+    header, seconds = time_rows(result, "seconds")
+    _, steps = time_rows(result, "steps")
+    return header, [*seconds, *([f"{row[0]} (steps)", *row[1:]] for row in steps)], score_rows(result)
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -64,6 +147,19 @@ def best_trials(records: list[TrialRecord]) -> dict[str, dict[str, TrialRecord]]
         if current is None or key < (current.seconds, current.result["best_metric"]):
             best[r.workload][r.algorithm] = r
     return best
+
+
+FAILURE_HEADER = ["workload", "algorithm", "study", "trial", "step", "why it failed"]
+
+
+def failure_rows(records: list[TrialRecord]) -> list[list[str]]:
+    """One row per failed trial (it raised, its process died twice, or its loss or metric went non-finite)."""
+    rows = []
+    for r in records:
+        if r.result.get("failed"):
+            reason = str(r.result.get("reason", ""))
+            rows.append([r.workload, r.algorithm, str(r.study), str(r.trial), str(r.result.get("steps", "")), reason])
+    return rows
 
 
 def plot_curves(records: list[TrialRecord], workload: str, path: Path, algorithms: list[str]) -> None:
@@ -93,19 +189,22 @@ def plot_curves(records: list[TrialRecord], workload: str, path: Path, algorithm
     fig.savefig(path, dpi=110)
 
 
-def plot_profiles(table: Table, path: Path) -> None:
-    """rho_a(tau) on [1, 4] for every algorithm: the fraction of workloads within tau of the fastest."""
+def plot_profiles(tables_by_unit: dict[str, Table], path: Path) -> None:
+    """rho_a(tau) on [1, 4] for every algorithm, one panel per unit (seconds, steps): the fraction of workloads
+    within tau of the fastest."""
     from matplotlib.figure import Figure
 
-    ratios = performance_ratios(table)
     taus = [1 + (TAU_MAX - 1) * i / 300 for i in range(301)]
-    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
-    ax = fig.add_subplot()
-    for index, algorithm in enumerate(next(iter(table.values()), {})):
-        ax.step(taus, performance_profile(ratios, algorithm, taus), where="post", label=algorithm, color=f"C{index}")
-    ax.set(xlabel="tau (time relative to the fastest)", ylabel="fraction of workloads", ylim=(-0.02, 1.02),
-           xlim=(1, TAU_MAX), title="performance profiles")  # fmt: skip
-    ax.legend(fontsize="small")
+    fig = Figure(figsize=(6.4 * len(tables_by_unit), 4.0), layout="constrained")
+    axes = fig.subplots(1, len(tables_by_unit), squeeze=False)[0]
+    for ax, (unit, table) in zip(axes, tables_by_unit.items()):
+        ratios = performance_ratios(table)
+        for index, algorithm in enumerate(next(iter(table.values()), {})):
+            profile = performance_profile(ratios, algorithm, taus)
+            ax.step(taus, profile, where="post", label=algorithm, color=f"C{index}")
+        ax.set(xlabel=f"tau ({unit} to target relative to the fastest)", ylabel="fraction of workloads",
+               ylim=(-0.02, 1.02), xlim=(1, TAU_MAX), title=f"performance profiles, {unit}")  # fmt: skip
+        ax.legend(fontsize="small")
     fig.savefig(path, dpi=110)
 
 
@@ -133,7 +232,10 @@ def export(result: BenchmarkResult, out: Path) -> dict[str, Any]:
 
     data = {
         "ruleset": result.ruleset, "seconds_to_target": seconds, "steps_to_target": result.table("steps"),
-        "summary": summary(seconds, BASELINE),
+        "summary": summary(seconds, BASELINE), "summary_steps": summary(result.table("steps"), BASELINE),
+        "step_cost_vs_baseline": {a: relative_step_cost(result.step_costs(), a, BASELINE)[0]
+                                  for a in algorithms_of(seconds)},
+        "within_noise": noise_notes(result),
         "trials": [{**{k: getattr(r, k) for k in fields[:6]}, "point": r.point, "result": r.result, "target": r.target}
                    for r in result.records],
     }  # fmt: skip
@@ -148,24 +250,26 @@ def write_report(result: BenchmarkResult, out: str | Path) -> Path:
     if not result.records:
         raise ValueError("no finished trials to report (run `stochopt bench` first, with the same --storage)")
     export(result, out)
-    header, rows, score_rows = tables(result)
+    header, rows, scores = tables(result)
     seconds = result.table("seconds")
-    plot_profiles(seconds, out / "profiles.png")
+    plot_profiles({unit: result.table(unit) for unit in UNITS}, out / "profiles.png")
     images = []
     for workload in seconds:
         name = f"curves_{workload.replace(':', '_').replace('.', '_').replace('/', '_')}.png"
         plot_curves(result.records, workload, out / name, header[1:])
         images.append((workload, name))
-    intro = (
-        f"Ruleset: **{result.ruleset}**; {len(result.records)} trials. Each cell: median over studies of the "
-        "fastest trial's training time to the validation target (steps in parentheses); `inf`: missed, or slower "
-        "than 4x the fastest. Score: normalized area under the performance profile on [1, 4] (AlgoPerf); speed-up: "
-        f"geometric mean of t({BASELINE}) / t over the workloads both reached (their number in parentheses)."
-    )
+    intro = INTRO.format(ruleset=result.ruleset, trials=len(result.records), baseline=BASELINE)
+    notes = noise_notes(result)
     md = ["# stochopt benchmark report", "", intro, "", "## Time to target", "", markdown_table(header, rows), "",
-          "## Scores", "", markdown_table(["", *header[1:]], score_rows), "", "## Performance profiles", "",
-          "![performance profiles](profiles.png)", "", "## Validation curves", ""]  # fmt: skip
+          "## Scores", "", markdown_table(["", *header[1:]], scores), "",
+          *(["## Within noise", "", *(f"- {n}" for n in notes), ""] if notes else []),
+          "## Performance profiles", "", "![performance profiles](profiles.png)", "",
+          "## Validation curves", ""]  # fmt: skip
     md += [f"![{w}]({name})\n" for w, name in images]
+    failures = failure_rows(result.records)
+    if failures:  # a failed trial counts as infinitely slow; here is why each failed (the traceback: results.json)
+        escaped = [[cell.replace("|", "\\|") for cell in row] for row in failures]
+        md += ["## Failed trials", "", markdown_table(FAILURE_HEADER, escaped), ""]
     md += ["Data: [results.csv](results.csv), [results.json](results.json)", ""]
     (out / "report.md").write_text("\n".join(md))
 
@@ -179,9 +283,12 @@ def write_report(result: BenchmarkResult, out: str | Path) -> Path:
         "body{font-family:sans-serif;max-width:60em;margin:auto}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:.2em .6em;text-align:right}</style></head><body>"
         f"<h1>stochopt benchmark report</h1><p>{html.escape(intro.replace('**', '').replace('`', ''))}</p>"
-        f"<h2>Time to target</h2>{html_table(header, rows)}<h2>Scores</h2>{html_table(['', *header[1:]], score_rows)}"
-        "<h2>Performance profiles</h2><img src='profiles.png' alt='performance profiles'>"
+        f"<h2>Time to target</h2>{html_table(header, rows)}<h2>Scores</h2>{html_table(['', *header[1:]], scores)}"
+        + ("<h2>Within noise</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>" if notes
+           else "")
+        + "<h2>Performance profiles</h2><img src='profiles.png' alt='performance profiles'>"
         "<h2>Validation curves</h2>" + "".join(f"<img src='{n}' alt='{html.escape(w)}'>" for w, n in images)
+        + (f"<h2>Failed trials</h2>{html_table(FAILURE_HEADER, failures)}" if failures else "")
         + "<p>Data: <a href='results.csv'>results.csv</a>, <a href='results.json'>results.json</a></p></body></html>"
     )  # fmt: skip
     (out / "report.html").write_text(page)

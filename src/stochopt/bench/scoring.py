@@ -86,6 +86,45 @@ def speedup(table: Table, algorithm: str, baseline: str = "nadamw") -> tuple[flo
     return math.exp(sum(logs) / len(logs)), len(logs)
 
 
+StudyTable = dict[str, dict[str, list[float]]]  # workload -> algorithm -> each study's time, in study order
+
+
+def spread(values: Sequence[float]) -> tuple[float, float]:
+    """(min, max) over studies; (inf, inf) for none."""
+    return (min(values), max(values)) if values else (math.inf, math.inf)
+
+
+def study_speedups(studies: StudyTable, algorithm: str, baseline: str = "nadamw") -> list[float]:
+    """One speed-up per study index, paired: study i of ``algorithm`` against study i of ``baseline`` (the same
+    trial seeds), each the geometric mean over the workloads both reached in that study; studies where they
+    reached none together are left out. Their min-max is the spread of :func:`speedup` over studies."""
+    count = max((len(times.get(a, [])) for times in studies.values() for a in (algorithm, baseline)), default=0)
+    gains = []
+    for i in range(count):
+        paired = {
+            w: {a: times[a][i] for a in (algorithm, baseline)}
+            for w, times in studies.items()
+            if all(len(times.get(a, [])) > i for a in (algorithm, baseline))
+        }  # fmt: skip
+        gain, n = speedup(paired, algorithm, baseline)
+        if n:
+            gains.append(gain)
+    return gains
+
+
+def within_noise(a: Sequence[float], b: Sequence[float]) -> bool:
+    """Two cells' study times overlap (min-max ranges intersect, both finite): the ranking between them is not
+    settled by these studies."""
+    (lo_a, hi_a), (lo_b, hi_b) = spread(a), spread(b)
+    return math.isfinite(hi_a) and math.isfinite(hi_b) and lo_a <= hi_b and lo_b <= hi_a
+
+
+def relative_step_cost(costs: Table, algorithm: str, baseline: str = "nadamw") -> tuple[float, int]:
+    """Geometric mean over workloads of (seconds per step of ``algorithm``) / (that of ``baseline``): what one of
+    its steps costs relative to the baseline's (> 1: dearer); returns (ratio, number of workloads)."""
+    return speedup(costs, baseline, algorithm)  # the roles swapped: t_algorithm / t_baseline
+
+
 def summary(table: Table, baseline: str = "nadamw", tau_max: float = TAU_MAX) -> dict[str, dict[str, float]]:
     """algorithm -> {"score", "speedup", "speedup_workloads", "reached"} for every algorithm of the table."""
     ratios = performance_ratios(table, tau_max)
@@ -101,6 +140,7 @@ def summary(table: Table, baseline: str = "nadamw", tau_max: float = TAU_MAX) ->
 
 
 __all__ = [
-    "TAU_MAX", "Table", "algorithms_of", "benchmark_score", "median_over_studies", "performance_profile",
-    "performance_ratios", "speedup", "study_time", "summary",
+    "TAU_MAX", "StudyTable", "Table", "algorithms_of", "benchmark_score", "median_over_studies", "performance_profile",
+    "performance_ratios", "relative_step_cost", "speedup", "spread", "study_speedups", "study_time", "summary",
+    "within_noise",
 ]  # fmt: skip

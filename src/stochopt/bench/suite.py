@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -12,20 +13,29 @@ from optuna.storages import RDBStorage
 
 from stochopt.bench.algorithms import BASELINES, Algorithm, load_algorithm
 from stochopt.bench.rulesets import RULESETS, SELF_TUNING_BUDGET, ProgressSink, StudySpec, run_studies
-from stochopt.bench.scoring import Table, median_over_studies, study_time
+from stochopt.bench.scoring import StudyTable, Table, median_over_studies, study_time
 from stochopt.bench.storage import TrialRecord, load_records, open_storage
 from stochopt.bench.workloads.base import Workload
 
-#: ``stochopt bench --quick``: a few algorithms on the fast workloads, a few minutes on two CPU cores
+#: ``stochopt bench --quick``: the self-tuning ruleset (each algorithm's own defaults, no tuning: no luck of a
+#: few quasirandom points in the answer) with three seeds each, so that every cell has a spread, on the three
+#: digits workloads whose stored targets the defaults reach; the convex workloads' targets come from tuned
+#: Nesterov and are out of reach of untuned defaults (measured: every algorithm missed them). About 2-3 minutes
+#: on two cores (docs/benchmark.md has the measured run).
 QUICK = {
-    "workloads": ["least_squares", "logistic", "digits_mlp", "autoencoder"],
-    "algorithms": ["nadamw", "adamw", "heavy_ball", "lion"],
-    "ruleset": "external",
-    "trials": 4,
-    "studies": 1,
+    "workloads": ["digits_mlp", "autoencoder", "digits_cnn"],
+    "algorithms": ["nadamw", "adamw", "heavy_ball", "lamb", "lion"],
+    "ruleset": "self",
+    "trials": 1,
+    "studies": 3,
+    "why": (
+        "quick: the self-tuning ruleset (each algorithm's defaults, 3x the step budget) on digits_mlp, autoencoder "
+        "and digits_cnn, 3 seeds each: a spread in every cell and no tuning luck; the full suite: stochopt bench"
+    ),
 }
 DEFAULT_ALGORITHMS = ["nadamw", "adamw", "heavy_ball", "nesterov", "lion", "lamb", "adafactor"]
 DEFAULT_STORAGE = "stochopt-bench.db"
+UNITS = ("seconds", "steps")
 
 
 def load_workloads(specs: Sequence[str], options: dict[str, Any] | None = None) -> dict[str, Workload]:
@@ -68,18 +78,33 @@ class BenchmarkResult:
     workloads: list[str] = field(default_factory=list)
     algorithms: list[str] = field(default_factory=list)
 
-    def table(self, unit: str = "seconds") -> Table:
-        """workload -> algorithm -> median over studies of the study's fastest trial (inf: missed)."""
+    def studies(self, unit: str = "seconds") -> StudyTable:
+        """workload -> algorithm -> each study's fastest trial (inf: missed), in (seed, study) order."""
+        if unit not in UNITS:
+            raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
         per_study: dict[tuple[str, str, int, int], list[float]] = defaultdict(list)
         for r in self.records:
             per_study[(r.workload, r.algorithm, r.seed, r.study)].append(r.seconds if unit == "seconds" else r.steps)
-        studies: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-        for (workload, algorithm, _, _), times in per_study.items():
-            studies[workload][algorithm].append(study_time(times))
-        workloads = self.workloads or sorted(studies)
-        algorithms = self.algorithms or sorted({a for w in studies.values() for a in w})
-        return {w: {a: median_over_studies(studies[w][a]) if a in studies[w] else math.inf for a in algorithms}
-                for w in workloads}  # fmt: skip
+        found: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for (workload, algorithm, _, _), times in sorted(per_study.items()):
+            found[workload][algorithm].append(study_time(times))
+        return {w: {a: found[w].get(a, []) for a in self._algorithms(found)} for w in self.workloads or sorted(found)}
+
+    def table(self, unit: str = "seconds") -> Table:
+        """workload -> algorithm -> median over studies of the study's fastest trial (inf: missed)."""
+        return {w: {a: median_over_studies(ts) for a, ts in times.items()} for w, times in self.studies(unit).items()}
+
+    def step_costs(self) -> Table:
+        """workload -> algorithm -> median over its trials of training seconds per step (what a step costs)."""
+        costs: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for r in self.records:
+            if r.result["steps"] > 0:
+                costs[r.workload][r.algorithm].append(r.result["train_seconds"] / r.result["steps"])
+        return {w: {a: statistics.median(costs[w][a]) if costs[w][a] else math.inf for a in self._algorithms(costs)}
+                for w in self.workloads or sorted(costs)}  # fmt: skip
+
+    def _algorithms(self, found: dict[str, dict[str, Any]]) -> list[str]:
+        return self.algorithms or sorted({a for w in found.values() for a in w})
 
 
 def run_benchmark(

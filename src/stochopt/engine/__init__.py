@@ -4,6 +4,7 @@ from stochopt.engine.fused import stage_boundary
 from stochopt.engine.layout import STEP, StateSpec, state_nbytes
 from stochopt.engine.optimizer import ENGINE_DEFAULTS, EngineOptimizer, NonFiniteGradientError, scalar
 from stochopt.engine.tensorlist import TensorList
+from stochopt.engine.update import centralize
 
 __all__ = [
     "ENGINE_DEFAULTS",
@@ -12,6 +13,7 @@ __all__ = [
     "NonFiniteGradientError",
     "StateSpec",
     "TensorList",
+    "centralize",
     "scalar",
     "stage_boundary",
     "state_nbytes",

@@ -71,8 +71,8 @@ def check_group_params(group: dict[str, Any], existing_groups: list[dict[str, An
                 )
 
 
-def _fail(name: str, value: Any, requirement: str) -> None:
-    raise ValueError(f"{name} must be {requirement}, got {value!r}")
+def _fail(name: str, value: Any, requirement: str, why: str = "") -> None:
+    raise ValueError(f"{name} must be {requirement}, got {value!r}" + (f": {why}" if why else ""))
 
 
 def _number(name: str, value: Any) -> float:
@@ -95,10 +95,22 @@ def nonnegative(name: str, value: Any) -> None:
         _fail(name, value, "a finite number >= 0")
 
 
-def positive(name: str, value: Any) -> None:
+def positive(name: str, value: Any, why: str = "") -> None:
     v = _number(name, value)
     if not v > 0.0 or math.isinf(v):
-        _fail(name, value, "a finite number > 0")
+        _fail(name, value, "a finite number > 0", why)
+
+
+def eps(name: str, value: Any) -> None:
+    """A denominator's guard: > 0. torch.optim accepts 0; stochopt does not, because 0 can only give NaN."""
+    positive(name, value, "with 0, a coordinate whose gradient has always been 0 computes 0/0 (NaN) or never moves")
+
+
+def at_least(name: str, value: Any, minimum: float, *, at_most: float = math.inf) -> None:
+    """minimum <= value (<= at_most); a number, not None or a string."""
+    v = _number(name, value)
+    if not minimum <= v <= at_most:
+        _fail(name, value, f"a number >= {minimum:g}" if at_most == math.inf else f"in [{minimum:g}, {at_most:g}]")
 
 
 def in_unit_interval(name: str, value: Any, *, closed_right: bool = False) -> None:

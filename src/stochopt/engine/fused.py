@@ -1,8 +1,10 @@
 """The fused path: an update function compiled by torch.compile into one kernel.
 
-One kernel is compiled per (update function, static flags, coefficient names, maximize) and reused for every
-tensor: tensors are passed flattened with dynamic sizes, so a new shape never recompiles, and coefficients
-(lr, betas, bias corrections) are passed as one tensor, so a scheduler changing lr never recompiles either.
+One kernel is compiled per (update function, static flags, coefficient names, maximize, compute dtype) and
+reused for every tensor: tensors are passed flattened with dynamic sizes, so a new shape never recompiles, and
+coefficients (lr, betas, bias corrections) are passed as one tensor, so a scheduler changing lr never recompiles
+either. That tensor is at least float32 (``coefficient_dtype``) whatever the compute dtype: in bfloat16, beta2 =
+0.999 would be 1.0 and lr = 1e-3 0.0010004, where the eager paths take a Python float at float32 (opmath).
 Dynamo guards on dtype and device, so the compile cost is paid once per optimizer, dtype and device
 (C++/OpenMP on the CPU, Triton on CUDA).
 
@@ -27,6 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from stochopt.engine.update import apply_update, centralize
+
 _KERNELS: dict[tuple[Any, ...], Callable[..., None]] = {}
 
 
@@ -45,6 +49,11 @@ def stage_boundary() -> None:
     torch._dynamo.graph_break()
 
 
+def coefficient_dtype(compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the kernel's coefficient tensor: the compute dtype, but at least float32."""
+    return torch.promote_types(compute_dtype, torch.float32)
+
+
 def fused_kernel(
     update: Callable[..., None],
     flags: dict[str, Any],
@@ -53,17 +62,20 @@ def fused_kernel(
     options: dict[str, Any] | None = None,
     staged: bool = False,
     centralized: bool = False,
+    *,
+    compute_dtype: torch.dtype,
 ) -> Callable[[Tensor, Tensor, dict[str, Tensor], Tensor], None]:
     """The compiled kernel ``kernel(p, g, state, coefs)`` for ``update`` with these static options;
     ``staged``: ``update`` calls ``stage_boundary()`` (one kernel per stage); ``centralized``: the kernel first
     centralizes g (gradient centralization); every tensor then arrives with its rows, as ``(rows, -1)`` or
-    in its own shape."""
+    in its own shape. ``compute_dtype``: the dtype the math runs in (engine/update.py ``apply_update``);
+    ``coefs`` is of ``coefficient_dtype(compute_dtype)``."""
     options = ELEMENTWISE_OPTIONS if options is None else options
     key = (update, tuple(sorted(flags.items())), coef_names, maximize, tuple(sorted(options.items())))
-    key += (staged, centralized)
+    key += (staged, centralized, compute_dtype)
     kernel = _KERNELS.get(key)
     if kernel is None:
-        kernel = _compile(update, dict(flags), coef_names, maximize, options, staged, centralized)
+        kernel = _compile(update, dict(flags), coef_names, maximize, options, staged, centralized, compute_dtype)
         _KERNELS[key] = kernel
     return kernel
 
@@ -76,14 +88,13 @@ def _compile(
     options: dict[str, Any],
     staged: bool,
     centralized: bool,
+    compute_dtype: torch.dtype,
 ) -> Callable[..., None]:
-    from stochopt.engine.optimizer import apply_update, centralize
-
     def kernel(p: Tensor, g: Tensor, state: dict[str, Tensor], coefs: Tensor) -> None:
         c = dict(zip(coef_names, coefs.unbind(0)))
         if centralized:
-            g = centralize(g.to(coefs.dtype))
-        apply_update(update, p, g, state, c, flags, maximize, coefs.dtype)
+            g = centralize(g.to(compute_dtype))
+        apply_update(update, p, g, state, c, flags, maximize, compute_dtype)
 
     # Dynamo keeps its compiled graphs (and its recompile limit) per code object. A fresh code object per
     # kernel keeps the variants of many optimizers from sharing one cache and hitting that limit.

@@ -60,6 +60,17 @@ def state_dtype_for(param: Tensor, state_dtype: torch.dtype | None) -> torch.dty
     return torch.float32 if param.dtype in LOW_PRECISION else param.dtype
 
 
+def compute_dtype_for(param: Tensor, state_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype the update's math runs in for ``param``: ``promote_types(param dtype, state dtype)``.
+
+    The state dtype is a storage format: state of another dtype is read into the compute dtype, updated there
+    and rounded to its own dtype once per step, when it is written back (engine/update.py ``apply_update``);
+    so is a parameter of another dtype. float32 params with ``state_dtype=torch.bfloat16`` compute in float32,
+    bfloat16 params with the default float32 state in float32, bfloat16 params with bfloat16 state in bfloat16.
+    """
+    return torch.promote_types(param.dtype, state_dtype_for(param, state_dtype))
+
+
 def spec_dtype(spec: StateSpec, param: Tensor, state_dtype: torch.dtype | None) -> torch.dtype:
     if spec.dtype == "scalar":
         return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32

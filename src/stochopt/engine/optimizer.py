@@ -3,16 +3,18 @@
 An optimizer subclass declares
 - ``_layout(group)``: its state (``StateSpec`` tuple; ``STEP`` where it counts steps);
 - ``_coefficients(group, step, states)``: every scalar the update needs at this step, as Python floats
-  (bias corrections, step sizes); scalar state such as NAdam's running product advances here;
+  (bias corrections, step sizes); it reads state and changes nothing;
 - ``_flags(group, step, matrix)``: the static switches of the update (``amsgrad``, ``nesterov``), hashable;
 - ``_update(p, g, state, c, **flags)``: the elementwise math, written once against the Tensor API;
-- optionally ``_validate(group)``, ``_sparse_update``, ``_native_fused`` and, for the fused path,
-  ``_flatten``, ``_compile_options`` and ``_staged``.
+- optionally ``_validate(group)`` (checks only), ``_init_group(group)`` (group entries derived once, when the
+  group is added), ``_advance(group, step, states)`` (scalar state that moves with the step, such as NAdam's
+  running product), ``_sparse_update``, ``_native_fused`` and, for the fused path, ``_flatten``,
+  ``_compile_options`` and ``_staged``.
 
 The engine owns the books: param groups, lazy state, buckets of tensors that share device, dtype and step,
-``maximize``, gradient centralization (the group option ``centralize_gradients``), low-precision parameters
-(math in the state dtype, written back), sparse gradients, the non-finite-gradient policy and the state_dict
-checks.
+``maximize``, gradient centralization (the group option ``centralize_gradients``), precision (the math in
+``promote_types(param dtype, state dtype)``, parameters and state of another dtype written back; see
+``EngineOptimizer``), sparse gradients, the non-finite-gradient policy and the state_dict checks.
 """
 
 from __future__ import annotations
@@ -28,15 +30,30 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from stochopt.engine import checks
-from stochopt.engine.fused import fused_kernel
-from stochopt.engine.layout import STEP, StateSpec, applicable, new_state_tensor, spec_dtype, state_dtype_for
+from stochopt.engine.fused import coefficient_dtype, fused_kernel
+from stochopt.engine.layout import (
+    STEP,
+    StateSpec,
+    applicable,
+    compute_dtype_for,
+    new_state_tensor,
+    spec_dtype,
+    state_dtype_for,
+)
 from stochopt.engine.tensorlist import TensorList
+from stochopt.engine.update import apply_update, centralize
 
 NONFINITE_POLICIES = (None, "skip", "raise")
 
 #: Below this many elements a tensor's per-tensor dispatch (eager, or ~100 us for a compiled kernel) costs more
 #: than its arithmetic: such tensors are updated together in one multi-tensor (foreach) call.
 SMALL_TENSOR_NUMEL = 1 << 16
+
+#: A multi-tensor call whose parameters or state are of another dtype than the compute dtype holds a
+#: compute-dtype copy of each of its tensors at once (engine/update.py ``apply_update``): such calls are cut into
+#: calls of at most this many elements per tensor list, so that the copies of bfloat16 state stay small beside
+#: the state (on accelerators every tensor takes the foreach path). The update is per tensor: nothing changes.
+ROUND_TRIP_NUMEL = 1 << 24
 
 #: Keys every engine optimizer's param groups carry, with their defaults.
 ENGINE_DEFAULTS: dict[str, Any] = {
@@ -49,45 +66,25 @@ ENGINE_DEFAULTS: dict[str, Any] = {
 }
 
 
-def centralize(g: Tensor) -> Tensor:
-    """Gradient centralization (Yong et al., 2020): subtract the mean over all dimensions but the first.
-
-    The row means are a product with a vector of ones: in the fused path that is one BLAS call ahead of the
-    update's loop. As a reduction, inductor (torch 2.13, CPU) fuses the mean into the update's row loop and
-    fails compiling it (``InductorError: KeyError`` in its outer-loop fusion).
-    """
-    rows = g.reshape(g.shape[0], -1)
-    mean = torch.mm(rows, rows.new_ones(rows.shape[1], 1)).div_(rows.shape[1])
-    return g - mean.view(-1, *(1,) * (g.dim() - 1))
-
-
 class NonFiniteGradientError(FloatingPointError, ValueError):
     """A gradient holds inf or NaN and the optimizer's ``nonfinite`` policy is ``"raise"``."""
 
 
-def apply_update(
-    update: Callable[..., None],
-    p: Any,
-    g: Any,
-    state: dict[str, Any],
-    c: dict[str, Any],
-    flags: dict[str, Any],
-    maximize: bool,
-    compute_dtype: torch.dtype,
-) -> None:
-    """Run ``update`` on tensors or TensorLists; low-precision params are computed in ``compute_dtype``."""
-    if maximize:
-        g = -g
-    if p.dtype == compute_dtype:
-        update(p, g, state, c, **flags)
-        return
-    p_compute = p.to(compute_dtype)
-    update(p_compute, g.to(compute_dtype), state, c, **flags)
-    p.copy_(p_compute)
-
-
 class EngineOptimizer(Optimizer, metaclass=ABCMeta):
-    """Base class of stochopt's optimizers (see the module docstring for what a subclass declares)."""
+    """Base class of stochopt's optimizers (see the module docstring for what a subclass declares).
+
+    Precision: ``state_dtype`` (a group option; None: float32 for bfloat16/float16 parameters, else the
+    parameter's dtype) is the dtype the state is *stored* in. The update's math runs in
+    ``promote_types(param dtype, state dtype)`` (``engine.layout.compute_dtype_for``): a parameter or a state
+    tensor of another dtype is read into that dtype, updated there, and rounded to its own dtype once per step,
+    when it is written back; the coefficients (lr, betas, ...) are taken at float32 or better in every path.
+    So float32 parameters with ``state_dtype=torch.bfloat16`` compute in float32 and keep float32 parameters
+    (half the state memory of float32 state, the state rounded once per step, as torchao's bfloat16 optimizer
+    state is); bfloat16 parameters with the default float32 state compute in float32 and the parameter is
+    rounded once per step; bfloat16 parameters with ``state_dtype=torch.bfloat16`` compute in bfloat16.
+    Optimizers with their own step loops (Shampoo, Muon, AdaFisher) follow the same rule through
+    ``_apply_update``.
+    """
 
     _sparse_update: Callable[..., None] | None = None
     #: torch's own fused CPU kernel for the same algorithm, used by ``fused=True`` on the CPU where torch has
@@ -125,7 +122,13 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
         """The elementwise math, on tensors or TensorLists (see the module docstring)."""
 
     def _validate(self, group: dict[str, Any]) -> None:
-        """Raise ValueError/TypeError naming the hyperparameter and its value."""
+        """Raise ValueError/TypeError naming the hyperparameter and its value; changes nothing."""
+
+    def _init_group(self, group: dict[str, Any]) -> None:
+        """Set the group entries derived from others, once, when the group is added (after ``_validate``)."""
+
+    def _advance(self, group: dict[str, Any], step: int, states: list[dict[str, Tensor]]) -> None:
+        """Advance scalar state that moves with the step, once per bucket and step, before ``_coefficients``."""
 
     # ----- the torch.optim contract --------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -134,6 +137,7 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
             param_group.setdefault(key, value)
         self._validate_engine_options(param_group)
         self._validate(param_group)
+        self._init_group(param_group)
         super().add_param_group(param_group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -194,6 +198,28 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
             if params:
                 self._step_group(group, params, grads, self._init_state(group, params))
         return loss
+
+    def _apply_update(
+        self,
+        group: dict[str, Any],
+        update: Callable[..., None],
+        p: Tensor,
+        g: Tensor,
+        c: dict[str, Any],
+        flags: dict[str, Any] | None = None,
+    ) -> None:
+        """One parameter's step, ``update(p, g, state, c, **flags)``, for optimizers with their own step loops
+        (Shampoo, Muon, AdaFisher: matrix work, per tensor), with what the engine's paths do around an update:
+        ``maximize``, gradient centralization of matrices, and the precision rule (the math in
+        ``compute_dtype_for(p, state_dtype)``; ``p`` and the state tensors of another dtype read into it and
+        written back, see engine/update.py ``apply_update``). ``state`` holds the layout's tensors but the
+        scalar ones (``step``)."""
+        compute_dtype = compute_dtype_for(p, group["state_dtype"])
+        if group["centralize_gradients"] and p.dim() > 1:
+            g = centralize(g.to(compute_dtype))
+        state = self.state[p]
+        tensors = {s.name: state[s.name] for s in applicable(self._layout(group), p) if s.shape != "scalar"}
+        apply_update(update, p, g, tensors, c, flags or {}, group["maximize"], compute_dtype)
 
     # ----- internals -----------------------------------------------------------------------------
     def _validate_engine_options(self, group: dict[str, Any]) -> None:
@@ -270,11 +296,13 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
             if counted:
                 torch._foreach_add_([s["step"] for s in states], 1.0)
             step += 1
+            self._advance(group, step, states)
             c = self._coefficients(group, step, states)
             flags = self._flags(group, step, matrix)
-            compute_dtype = state_dtype_for(ps[0], group["state_dtype"])
+            compute_dtype = compute_dtype_for(ps[0], group["state_dtype"])
             centralized = group["centralize_gradients"] and matrix and not sparse
-            native = group["fused"] and self._native_fits(device, dtype, compute_dtype, states)
+            state_dtype = state_dtype_for(ps[0], group["state_dtype"])
+            native = group["fused"] and self._native_fits(device, dtype, state_dtype, states)
             compiled = group["fused"] and not sparse and not native
             if centralized and not compiled:  # the compiled kernel centralizes g itself
                 gs = [centralize(g.to(compute_dtype)) for g in gs]
@@ -314,20 +342,22 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
         multi_tensor: bool,
     ) -> None:
         if multi_tensor:
-            tl_state = {n: TensorList(s[n] for s in states) for n in names}
-            apply_update(
-                self._update, TensorList(ps), TensorList(gs), tl_state, c, flags, group["maximize"], compute_dtype
-            )
+            for chunk in _round_trip_chunks(ps, states, names, compute_dtype):
+                cps, cgs, cstates = _pick((ps, gs, states), chunk)
+                tl_state = {n: TensorList(s[n] for s in cstates) for n in names}
+                apply_update(
+                    self._update, TensorList(cps), TensorList(cgs), tl_state, c, flags, group["maximize"], compute_dtype
+                )
             return
         for p, g, s in zip(ps, gs, states):
             apply_update(self._update, p, g, {n: s[n] for n in names}, c, flags, group["maximize"], compute_dtype)
 
-    def _native_fits(self, device: torch.device, dtype: torch.dtype, compute_dtype: torch.dtype, states: list) -> bool:
+    def _native_fits(self, device: torch.device, dtype: torch.dtype, state_dtype: torch.dtype, states: list) -> bool:
         # torch's fused kernels take float32 steps on the parameter's device and state of the parameter's dtype
         return (
             self._native_fused is not None
             and device.type == "cpu"
-            and compute_dtype == dtype
+            and state_dtype == dtype
             and states[0].get("step", torch.empty((), dtype=torch.float32)).dtype == torch.float32
         )
 
@@ -347,9 +377,11 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
         one more read of g instead of an eager mean, subtraction and temporary)."""
         coef_names = tuple(c)
         kernel = fused_kernel(
-            type(self)._update, flags, coef_names, group["maximize"], self._compile_options, self._staged, centralized
-        )
-        coefs = torch.tensor([c[k] for k in coef_names], dtype=compute_dtype, device=ps[0].device)
+            type(self)._update, flags, coef_names, group["maximize"], self._compile_options, self._staged, centralized,
+            compute_dtype=compute_dtype,
+        )  # fmt: skip
+        # at least float32: a bfloat16 tensor would round beta2 = 0.999 to 1.0 (the eager paths take floats)
+        coefs = torch.tensor([c[k] for k in coef_names], dtype=coefficient_dtype(compute_dtype), device=ps[0].device)
         small = []
         for i, (p, g, s) in enumerate(zip(ps, gs, states)):
             tensors = [p, g, *(s[n] for n in names)]
@@ -373,6 +405,25 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
 
 def _pick(lists: tuple[list, ...], indices: list[int]) -> list[list]:
     return [[xs[i] for i in indices] for xs in lists]
+
+
+def _round_trip_chunks(
+    ps: list[Tensor], states: list[dict[str, Tensor]], names: list[str], compute_dtype: torch.dtype
+) -> list[list[int]]:
+    """The indices of ``ps`` in one multi-tensor call, or, where the call converts tensors to the compute dtype,
+    in calls of at most ``ROUND_TRIP_NUMEL`` elements (a larger tensor alone)."""
+    converts = ps[0].dtype != compute_dtype or any(states[0][n].dtype != compute_dtype for n in names)
+    if not converts:
+        return [list(range(len(ps)))]
+    chunks: list[list[int]] = [[]]
+    size = 0
+    for i, p in enumerate(ps):
+        if chunks[-1] and size + p.numel() > ROUND_TRIP_NUMEL:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(i)
+        size += p.numel()
+    return chunks
 
 
 def scalar(value: Any) -> float:

@@ -14,9 +14,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
+#: dtypes whose arithmetic torch runs at float32 (opmath), a Python scalar included
+_REDUCED = (torch.bfloat16, torch.float16)
+
 
 def _arg(other: Any) -> Any:
     return other.tensors if isinstance(other, TensorList) else other
+
+
+def _scaled(other: Any, alpha: float) -> Any:
+    """A scalar operand (a number, a 0-d tensor, or one number per tensor) times ``alpha``: torch's
+    ``add(t, s, alpha=a)`` is ``t + a * s``, and the foreach kernels take no ``alpha`` beside a scalar."""
+    if alpha == 1:
+        return other
+    if isinstance(other, (list, tuple)):
+        return [x * alpha for x in other]
+    return other * alpha
 
 
 class TensorList:
@@ -38,12 +51,12 @@ class TensorList:
     def add(self, other: Any, *, alpha: float = 1) -> TensorList:
         if isinstance(other, TensorList):
             return TensorList(torch._foreach_add(self.tensors, other.tensors, alpha=alpha))
-        return TensorList(torch._foreach_add(self.tensors, other))
+        return TensorList(torch._foreach_add(self.tensors, _scaled(other, alpha)))
 
     def sub(self, other: Any, *, alpha: float = 1) -> TensorList:
         if isinstance(other, TensorList):
             return TensorList(torch._foreach_sub(self.tensors, other.tensors, alpha=alpha))
-        return TensorList(torch._foreach_sub(self.tensors, other))
+        return TensorList(torch._foreach_sub(self.tensors, _scaled(other, alpha)))
 
     def mul(self, other: Any) -> TensorList:
         return TensorList(torch._foreach_mul(self.tensors, _arg(other)))
@@ -81,9 +94,6 @@ class TensorList:
         """Root mean square of each tensor, as 0-d tensors."""
         return TensorList(n / t.numel() ** 0.5 for n, t in zip(torch._foreach_norm(self.tensors), self.tensors))
 
-    def __matmul__(self, other: TensorList) -> TensorList:
-        return TensorList(a @ b for a, b in zip(self.tensors, other.tensors))
-
     def norm(self) -> TensorList:
         """The L2 norm of each tensor, as 0-d tensors."""
         return TensorList(torch._foreach_norm(self.tensors))
@@ -99,17 +109,29 @@ class TensorList:
         if isinstance(other, TensorList):
             torch._foreach_add_(self.tensors, other.tensors, alpha=alpha)
         else:
-            torch._foreach_add_(self.tensors, other)
+            torch._foreach_add_(self.tensors, _scaled(other, alpha))
         return self
 
     def sub_(self, other: Any, *, alpha: float = 1) -> TensorList:
         if isinstance(other, TensorList):
             torch._foreach_sub_(self.tensors, other.tensors, alpha=alpha)
         else:
-            torch._foreach_sub_(self.tensors, other)
+            torch._foreach_sub_(self.tensors, _scaled(other, alpha))
         return self
 
     def mul_(self, other: Any) -> TensorList:
+        # torch 2.13 (CPU): _foreach_mul_ rounds a Python scalar, or a list of them, to bfloat16/float16 first
+        # (0.999 -> 1.0, 0.99 -> 0.98828125) where Tensor.mul_ and every other foreach op here take it at float32.
+        # A float32 0-d CPU tensor it does not round (the CPU kernel multiplies at float32, CUDA's reads the
+        # number); a list goes tensor by tensor. Measured bit for bit against Tensor.mul_: tests/optim/
+        # test_state_dtype.py.
+        if self.tensors and self.tensors[0].dtype in _REDUCED and not isinstance(other, (TensorList, Tensor)):
+            if isinstance(other, (list, tuple)):
+                for t, x in zip(self.tensors, other, strict=True):
+                    t.mul_(x)
+                return self
+            if isinstance(other, (int, float)) and not isinstance(other, bool):
+                other = torch.tensor(float(other), dtype=torch.float32)
         torch._foreach_mul_(self.tensors, _arg(other))
         return self
 

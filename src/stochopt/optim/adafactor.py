@@ -113,16 +113,15 @@ class Adafactor(EngineOptimizer):
 
     def _validate(self, group: dict[str, Any]) -> None:
         checks.nonnegative("lr", group["lr"])
-        if not -1.0 <= group["beta2_decay"] <= 0.0:
-            raise ValueError(f"beta2_decay must be in [-1, 0], got {group['beta2_decay']!r}")
+        checks.at_least("beta2_decay", group["beta2_decay"], -1.0, at_most=0.0)
         eps = group["eps"]
         if not isinstance(eps, (tuple, list)) or len(eps) != 2:
             raise TypeError(f"eps must be a pair (eps1 or None, eps2), got {eps!r}")
-        if eps[0] is not None:
-            checks.nonnegative("eps[0]", eps[0])
-        checks.nonnegative("eps[1]", eps[1])
-        if not group["d"] >= 1.0:
-            raise ValueError(f"d (the update clipping threshold) must be >= 1, got {group['d']!r}")
+        if eps[0] is not None:  # eps1 = 0: a coordinate never seen nonzero gives 0/0, and RMS clipping spreads it
+            checks.eps("eps[0]", eps[0])
+        # eps2 = 0: a parameter that starts at 0 gets a relative step of 0 and never moves
+        checks.positive("eps[1]", eps[1], "the relative step is lr * max(eps2, RMS(param)): a zero param never moves")
+        checks.at_least("d (the update clipping threshold)", group["d"], 1.0)
         checks.nonnegative("weight_decay", group["weight_decay"])
         if group["beta1"] is not None:
             checks.in_unit_interval("beta1", group["beta1"])

@@ -70,14 +70,18 @@ class NAdam(EngineOptimizer):
     def _flags(self, group: dict[str, Any], step: int, matrix: bool) -> dict[str, Any]:
         return {"decay": group["weight_decay"] != 0, "decoupled": bool(group["decoupled_weight_decay"])}
 
+    @staticmethod
+    def _mu(group: dict[str, Any], step: int) -> float:
+        """The momentum coefficient of ``step`` (Dozat's warming schedule with ``momentum_decay``)."""
+        return scalar(group["betas"][0]) * (1.0 - 0.5 * 0.96 ** (step * scalar(group["momentum_decay"])))
+
+    def _advance(self, group: dict[str, Any], step: int, states: list) -> None:
+        # The running product is scalar state, kept in torch's scalar dtype like torch.optim.NAdam keeps it.
+        torch._foreach_mul_([s["mu_product"] for s in states], self._mu(group, step))
+
     def _coefficients(self, group: dict[str, Any], step: int, states: list) -> dict[str, float]:
         c = adam_coefficients(group, step)
-        beta1 = scalar(group["betas"][0])
-        psi = scalar(group["momentum_decay"])
-        mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * psi))
-        mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * psi))
-        # The running product is scalar state, kept in torch's scalar dtype like torch.optim.NAdam keeps it.
-        torch._foreach_mul_([s["mu_product"] for s in states], mu)
+        mu, mu_next = self._mu(group, step), self._mu(group, step + 1)
         mu_product = states[0]["mu_product"].item()
         c.update(
             bc2=bias_correction(scalar(group["betas"][1]), step),
@@ -219,7 +223,15 @@ class AdaBound(EngineOptimizer):
         if not (isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and gamma > 0):
             raise ValueError(f"gamma must be a number > 0 (inf allowed), got {gamma!r}")
         checks.flag("amsbound", group["amsbound"])
+
+    def _init_group(self, group: dict[str, Any]) -> None:
         group.setdefault("base_lr", scalar(group["lr"]))  # eta_0: the bounds follow lr / base_lr
+
+    def _advance(self, group: dict[str, Any], step: int, states: list) -> None:
+        # a group built with lr=0 (a warmup from 0) takes its first positive lr as eta_0: otherwise its bounds
+        # would stay 0 whatever lr becomes
+        if group["base_lr"] == 0.0 and scalar(group["lr"]) > 0.0:
+            group["base_lr"] = scalar(group["lr"])
 
     def _layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
         return ADAM_MOMENTS + ((StateSpec("max_exp_avg_sq"),) if group["amsbound"] else ())

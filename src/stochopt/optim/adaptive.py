@@ -12,7 +12,7 @@ from stochopt.optim.common import ema_, ema_square_, l2_penalty
 
 def _common_checks(group: dict[str, Any]) -> None:
     checks.nonnegative("lr", group["lr"])
-    checks.nonnegative("eps", group["eps"])
+    checks.eps("eps", group["eps"])
     checks.nonnegative("weight_decay", group["weight_decay"])
 
 

@@ -7,8 +7,7 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from stochopt.engine import EngineOptimizer
-from stochopt.engine.optimizer import centralize
+from stochopt.engine import EngineOptimizer, centralize
 
 __all__ = ["centralize", "gradient_centralization"]
 

@@ -99,7 +99,7 @@ def check_adam_group(group: dict[str, Any]) -> None:
     """Validation shared by the Adam family: lr, betas, eps, weight_decay."""
     checks.nonnegative("lr", group["lr"])
     checks.betas(group["betas"])
-    checks.nonnegative("eps", group["eps"])
+    checks.eps("eps", group["eps"])
     checks.nonnegative("weight_decay", group["weight_decay"])
 
 

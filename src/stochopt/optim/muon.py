@@ -11,8 +11,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from stochopt.engine import STEP, EngineOptimizer, StateSpec, checks, scalar
-from stochopt.engine.layout import state_dtype_for
-from stochopt.engine.optimizer import centralize
 from stochopt.optim.adam import Adam
 from stochopt.optim.common import adam_coefficients, decoupled_decay_
 
@@ -164,12 +162,12 @@ class Muon(EngineOptimizer):
             raise TypeError(f"ns_coefficients must be three numbers (a, b, c), got {coefficients!r}")
         if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in coefficients):
             raise ValueError(f"ns_coefficients must be finite numbers, got {coefficients!r}")
-        checks.positive("eps", group["eps"])
+        checks.eps("eps", group["eps"])
         checks.count("ns_steps", group["ns_steps"], 1)
         if group["adjust_lr_fn"] not in ADJUST_LR_FNS:
             raise ValueError(f"adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {group['adjust_lr_fn']!r}")
         checks.betas(group["adamw_betas"])
-        checks.nonnegative("adamw_eps", group["adamw_eps"])
+        checks.eps("adamw_eps", group["adamw_eps"])
         if group["use_muon"] is not None:
             checks.flag("use_muon", group["use_muon"])
         ns_dtype = group["ns_dtype"]
@@ -215,26 +213,26 @@ class Muon(EngineOptimizer):
         self._all_gather(ps, world, rank)
 
     def _muon_update(self, group: dict[str, Any], p: Tensor, g: Tensor) -> None:
-        state = self.state[p]
-        state["step"] += 1
-        compute_dtype = state_dtype_for(p, group["state_dtype"])
-        g = (-g if group["maximize"] else g).to(compute_dtype)
-        if group["centralize_gradients"] and p.dim() > 1:  # as the engine: only matrices are centralized
-            g = centralize(g)
-        momentum = scalar(group["momentum"])
-        buf = state["momentum_buffer"]
-        buf.lerp_(g, 1.0 - momentum)
-        update = g.lerp(buf, momentum) if group["nesterov"] else buf
-        ortho = newton_schulz(
-            update.reshape(len(p), -1), group["ns_steps"], tuple(group["ns_coefficients"]), scalar(group["eps"]),
-            group["ns_dtype"],
-        )  # fmt: skip
+        self.state[p]["step"] += 1
         lr = scalar(group["lr"])
-        target = p if p.dtype == compute_dtype else p.to(compute_dtype)
-        decoupled_decay_(target, 1.0 - lr * scalar(group["weight_decay"]))
-        target.add_(ortho.reshape(p.shape), alpha=-adjusted_lr(lr, group["adjust_lr_fn"], p.shape))
-        if target is not p:
-            p.copy_(target)
+        c = {
+            "momentum": scalar(group["momentum"]),
+            "nesterov": group["nesterov"],
+            "ns": (group["ns_steps"], tuple(group["ns_coefficients"]), scalar(group["eps"]), group["ns_dtype"]),
+            "decay_factor": 1.0 - lr * scalar(group["weight_decay"]),
+            "neg_lr": -adjusted_lr(lr, group["adjust_lr_fn"], p.shape),
+        }
+        # maximize, centralization (matrices) and the compute dtype as in every engine path
+        self._apply_update(group, self._muon_math, p, g, c)
+
+    @staticmethod
+    def _muon_math(p: Tensor, g: Tensor, state: dict[str, Tensor], c: dict[str, Any]) -> None:
+        buf = state["momentum_buffer"]
+        buf.lerp_(g, 1.0 - c["momentum"])
+        update = g.lerp(buf, c["momentum"]) if c["nesterov"] else buf
+        ortho = newton_schulz(update.reshape(len(p), -1), *c["ns"])
+        decoupled_decay_(p, c["decay_factor"])
+        p.add_(ortho.reshape(p.shape), alpha=c["neg_lr"])
 
     @staticmethod
     def _all_gather(ps: list[Tensor], world: int, rank: int) -> None:

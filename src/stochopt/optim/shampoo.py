@@ -11,8 +11,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from stochopt.engine import STEP, EngineOptimizer, StateSpec, checks, scalar
-from stochopt.engine.layout import state_dtype_for
-from stochopt.engine.optimizer import centralize
 from stochopt.optim.common import bias_correction, decoupled_decay_, ema_, ema_square_
 
 GRAFTINGS = ("adagrad", "adam", "none")
@@ -129,7 +127,7 @@ class Shampoo(EngineOptimizer):
         checks.betas(group["betas"], closed_right=True)
         if scalar(group["betas"][0]) == 1.0:
             raise ValueError(f"betas[0] must be in [0, 1), got {group['betas'][0]!r}")
-        checks.nonnegative("eps", group["eps"])
+        checks.eps("eps", group["eps"])
         checks.nonnegative("weight_decay", group["weight_decay"])
         checks.count("precondition_frequency", group["precondition_frequency"], 1)
         checks.count("start_preconditioning_step", group["start_preconditioning_step"], 1)
@@ -138,7 +136,7 @@ class Shampoo(EngineOptimizer):
             raise ValueError(f"grafting must be one of {GRAFTINGS}, got {group['grafting']!r}")
         if group["grafting"] == "adam" and scalar(group["betas"][1]) == 1.0:
             raise ValueError("grafting='adam' needs betas[1] < 1 (its bias correction); got betas[1]=1.0")
-        checks.nonnegative("graft_eps", group["graft_eps"])
+        checks.eps("graft_eps", group["graft_eps"])
 
     def _layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
         max_dim = group["max_preconditioner_dim"]
@@ -176,14 +174,8 @@ class Shampoo(EngineOptimizer):
             state = self.state[p]
             state["step"] += 1
             step = int(state["step"].item())
-            compute_dtype = state_dtype_for(p, group["state_dtype"])
-            g = (-g if group["maximize"] else g).to(compute_dtype)
-            if group["centralize_gradients"] and p.dim() > 1:
-                g = centralize(g)
-            target = p if p.dtype == compute_dtype else p.to(compute_dtype)
-            self._update(target, g, state, self._coefficients(group, step, [state]))
-            if target is not p:
-                p.copy_(target)
+            # maximize, centralization (matrices) and the compute dtype as in every engine path
+            self._apply_update(group, self._update, p, g, self._coefficients(group, step, [state]))
 
     @staticmethod
     def _update(p: Tensor, g: Tensor, state: dict, c: dict) -> None:
