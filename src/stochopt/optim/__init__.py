@@ -2,7 +2,8 @@
 
 Validation is stricter than torch.optim's where torch's accepted values can only give NaN or nonsense: an
 ``eps`` that guards a denominator must be > 0 (torch.optim accepts 0, which computes 0/0 on a coordinate whose
-gradient has always been 0), and so must Adafactor's ``eps1`` and ``eps2``; Every refusal names the argument and the value.
+gradient has always been 0), and so must Adafactor's ``eps1`` and ``eps2``. Every refusal names the argument
+and the value.
 """
 
 from stochopt.optim.adafactor import Adafactor
