@@ -43,15 +43,9 @@ class _Parser(argparse.ArgumentParser):
 
 def _int_text(text: str) -> int | None:
     """``"20"``, ``"30_000_000"`` or an integral ``"3e6"`` as an int; None for anything else."""
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return int(value) if math.isfinite(value) and value.is_integer() else None
+    from stochopt.bench.workloads import parse_int
+
+    return parse_int(text)
 
 
 def _integer(low: int | None = None, high: int | None = None) -> Callable[[str], int]:

@@ -171,7 +171,7 @@ def _as_member(member: Any, value: Any) -> Any:
     if member is int:
         if isinstance(value, numbers.Integral) and not isinstance(value, bool):
             return (value,)
-        return (_parse_int(text),) if text is not None and _parse_int(text) is not None else _NO
+        return (parse_int(text),) if text is not None and parse_int(text) is not None else _NO
     if member is float:
         if isinstance(value, numbers.Real) and not isinstance(value, bool):
             return (value,)
@@ -195,7 +195,7 @@ def _is_path(member: Any) -> bool:
     return member is os.PathLike or (inspect.isclass(member) and issubclass(member, PurePath))
 
 
-def _parse_int(text: str) -> int | None:
+def parse_int(text: str) -> int | None:
     """``"64"``, ``"1_000"`` or an integral ``"1e4"`` as an int; None for anything else."""
     try:
         return int(text)
