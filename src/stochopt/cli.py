@@ -274,6 +274,7 @@ def _viz(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from stochopt.bench.algorithms import load_algorithm
@@ -317,7 +318,7 @@ def _bench(args: argparse.Namespace) -> int:
             load_algorithm(algorithm)
         storage = open_storage(args.storage)
     if calibrating:
-        from stochopt.bench.calibrate import calibrate
+        from stochopt.bench.calibrate import CalibrationFailed, calibrate
 
         progress = RichProgress()
         try:
@@ -329,6 +330,9 @@ def _bench(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             print(f"interrupted; finished trials are kept in {args.storage}: rerun to resume", file=sys.stderr)
             return 130
+        except CalibrationFailed as err:
+            print(f"stochopt: error: {err}", file=sys.stderr)
+            return 1
         for name, entry in targets.items():
             print(f"{name:<16} target {entry['target']:.6g}   {entry['source']}")
         return 0
@@ -348,12 +352,13 @@ def _bench(args: argparse.Namespace) -> int:
               file=sys.stderr)  # fmt: skip
         return 130
     header, rows, score_rows = tables(result)
-    table = Table(*header, title=f"time to target ({result.ruleset} ruleset): median [min-max] over studies")
+    title = f"time to target ({result.ruleset} ruleset): median [min-max] over studies"
+    table = Table(*map(escape, header), title=escape(title))  # the brackets are text, not rich markup
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*map(escape, row))
     table.add_section()
     for row in score_rows:
-        table.add_row(*row)
+        table.add_row(*map(escape, row))
     Console(width=None if sys.stdout.isatty() else 160).print(table)  # piped: no 80-column wrap
     for note in noise_notes(result):
         print(f"within noise: {note}")

@@ -245,6 +245,15 @@ def test_calibrate_sets_targets_as_algoperf_from_the_baselines(tmp_path):
     assert min(expected, key=expected.get) in written["short_regression"]["source"]
 
 
+def test_calibrating_a_workload_without_a_finite_metric_is_one_message(tmp_path, capsys):
+    targets = tmp_path / "targets.json"
+    code = main(["bench", "calibrate", "--workloads", "tiny_workloads:NoMetric", "--trials", "1", "--studies", "1",
+                 "--storage", str(tmp_path / "n.db"), "--targets", str(targets)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err and not targets.exists()
+    assert "calibration of 'tiny_workloads:NoMetric' produced no finite validation metric" in err
+
+
 def test_a_registered_workload_by_name_through_the_cli(tmp_path, capsys):
     code = main(["bench", "--workloads", "online_convex", "--algorithms", "heavy_ball", "--ruleset", "self",
                  "--storage", str(tmp_path / "o.db"), "--out", str(tmp_path / "o")])  # fmt: skip

@@ -84,6 +84,15 @@ class Exploding(TinyRegression):
         return loss * float("inf") if self.calls > 7 else loss
 
 
+class NoMetric(TinyRegression):
+    """Trains, but its validation metric is never finite: a workload nothing can calibrate."""
+
+    name = "no_metric"
+
+    def evaluate(self, model: nn.Module) -> float:
+        return float("nan")
+
+
 class SignDescent(torch.optim.Optimizer):
     """A user's own optimizer, benchmarked by import path (``tiny_workloads:SignDescent``): p -= lr * sign(g)."""
 

@@ -41,6 +41,10 @@ def targets_from(records: Sequence[TrialRecord]) -> dict[str, tuple[float, str]]
     return out
 
 
+class CalibrationFailed(RuntimeError):
+    """No baseline reached a finite validation metric on a workload, so it has no target to set."""
+
+
 def calibrate(
     workloads: Sequence[str], trials: int = 5, studies: int = 3, seed: int = 0, storage: str = DEFAULT_STORAGE,
     jobs: int = 1, progress: ProgressSink | None = None, output: str | Path | None = None,
@@ -56,7 +60,10 @@ def calibrate(
     targets = json.loads(path.read_text()) if path.exists() else {}
     for spec, workload in loaded.items():
         if spec not in found or not math.isfinite(found[spec][0]):
-            raise ValueError(f"calibration of {spec!r} produced no finite validation metric")
+            raise CalibrationFailed(
+                f"calibration of {spec!r} produced no finite validation metric: every baseline trial failed or "
+                f"diverged (their reasons are printed above and kept in {storage}); no target was written"
+            )
         value, winner = found[spec]
         targets[workload.name] = {
             "target": value,

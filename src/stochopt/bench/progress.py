@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -26,7 +27,8 @@ class RichProgress(ProgressSink):
     """Use as a context manager around :func:`stochopt.bench.rulesets.run_studies`."""
 
     def __init__(self, console: Console | None = None) -> None:
-        self.console = console or Console(stderr=True)
+        # piped: one line per trial, not wrapped at 80 columns
+        self.console = console or Console(stderr=True, width=None if sys.stderr.isatty() else 160)
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TextColumn("ETA"), TimeRemainingColumn(), console=self.console, transient=False,
@@ -56,11 +58,11 @@ class RichProgress(ProgressSink):
     def retry(self, key: str, description: str, reason: str) -> None:
         if key in self.tasks:  # its bar starts again from step 0
             self.progress.update(self.tasks[key], completed=0)
-        self.progress.console.print(f"{description}: {reason}")
+        self.progress.console.print(f"{description}: {reason}", markup=False)
 
     def finish(self, key: str, description: str, result: TrialResult) -> None:
         if key in self.tasks:
             self.progress.remove_task(self.tasks.pop(key))
-        self.progress.console.print(f"{description}: {describe(result)}")
+        self.progress.console.print(f"{description}: {describe(result)}", markup=False)
         if self.overall is not None:
             self.progress.advance(self.overall)
