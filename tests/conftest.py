@@ -11,9 +11,19 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # one thread per test worker: two workers with two OpenMP threads each on two cores spin against each other
     torch.set_num_threads(1)
 
-# one tensor above the fused path's size threshold, so that the compiled kernel runs, and small ones below it
+# one tensor above the CPU default's size threshold (it then loops over the large ones), small ones below it, and
+# one of a single element (the compiled path runs it uncompiled: dynamo specializes sizes 0 and 1)
 SHAPES = [(300, 256), (7, 5), (11,), (3, 4, 2), (1,)]
-PATHS = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}, "default": {}}
+# "fused" is stochopt's compiled kernel (torch's own fused kernels, which fused=True picks on the CPU for Adam,
+# AdamW, SGD and Adagrad, are switched off by the fixture and tested apart); "capturable" is the compiled kernel
+# in tensor mode (step counters on the device, coefficients computed there)
+PATHS = {
+    "loop": {"foreach": False},
+    "foreach": {"foreach": True},
+    "fused": {"fused": True},
+    "capturable": {"capturable": True},
+    "default": {},
+}
 
 
 def make_params(shapes=SHAPES, dtype=torch.float64, seed=0) -> list[torch.Tensor]:
@@ -46,6 +56,24 @@ def assert_same(a: list[torch.Tensor], b: list[torch.Tensor], rtol: float = 1e-1
         torch.testing.assert_close(x.detach(), y.detach(), rtol=rtol, atol=atol)
 
 
+#: the paths of optimizers whose step decides on the host (Shampoo, Muon, AdaFisher refuse capturable=True by
+#: name: tests/test_contract.py test_execution_paths_agree)
+HOST_PATHS = [name for name in PATHS if name != "capturable"]
+
+
+def _select_path(name: str, monkeypatch) -> dict:
+    if name in ("fused", "capturable"):
+        from stochopt.engine import EngineOptimizer
+
+        monkeypatch.setattr(EngineOptimizer, "use_native_fused", False)
+    return PATHS[name]
+
+
 @pytest.fixture(params=list(PATHS), ids=list(PATHS))
-def path(request) -> dict:
-    return PATHS[request.param]
+def path(request, monkeypatch) -> dict:
+    return _select_path(request.param, monkeypatch)
+
+
+@pytest.fixture(params=HOST_PATHS, ids=HOST_PATHS)
+def host_path(request, monkeypatch) -> dict:
+    return _select_path(request.param, monkeypatch)

@@ -25,11 +25,13 @@ def test_speed_writes_ratios_against_torch(tmp_path, capsys) -> None:
     assert code == 0
     data = json.loads(path.read_text())
     rows = {(r["optimizer"], r["library"], r["path"]): r for r in data["results"]}
-    assert {("sgd", "stochopt", p) for p in ("loop", "foreach", "fused", "default")} <= set(rows)
+    # "fused" is stochopt's compiled kernel, "torch-kernel" the torch kernel fused=True picks for SGD on the CPU
+    assert {("sgd", "stochopt", p) for p in ("loop", "foreach", "fused", "default", "torch-kernel")} <= set(rows)
     assert {("sgd", "torch", p) for p in ("foreach", "fused", "default")} <= set(rows)
     baseline = rows[("adamw", "torch", "fused")]
     assert baseline["ratio_to_torch_fused_adamw"] == 1.0
     assert rows[("sgd", "stochopt", "fused")]["recompiles"] == 0
+    assert rows[("sgd", "stochopt", "torch-kernel")]["recompiles"] == 0
     assert all(r["params_per_s"] > 0 for r in data["results"])
     assert "vs torch" in capsys.readouterr().out
 

@@ -167,7 +167,7 @@ MUON_CASES = {
 
 
 @pytest.mark.parametrize("case", list(MUON_CASES))
-def test_muon_step_matches_a_float64_loop(case: str, path: dict) -> None:
+def test_muon_step_matches_a_float64_loop(case: str, host_path: dict) -> None:
     """100 steps, every path: Muon's matrices (tall, wide, square, a conv kernel) with ns_dtype=float64, and the
     AdamW part (vectors by the default rule; a use_muon=False group with its own lr, holding a 300 x 256 matrix,
     which the fused path runs through its compiled kernel)."""
@@ -178,7 +178,7 @@ def test_muon_step_matches_a_float64_loop(case: str, path: dict) -> None:
     ref_params = clone_params(params)
     opt = stochopt.Muon(
         [{"params": params[:6]}, {"params": params[6:], "use_muon": False, "lr": 3e-3}],
-        ns_dtype=torch.float64, **hp, **path,
+        ns_dtype=torch.float64, **hp, **host_path,
     )  # fmt: skip
     run(opt, params, 100)
     muon_reference(ref_params, [True] * 4 + [False] * 4, 100, hp, [hp["lr"]] * 6 + [3e-3] * 2)

@@ -107,10 +107,10 @@ STEPS = 100
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_reference(case: str, path: dict) -> None:
+def test_matches_reference(case: str, host_path: dict) -> None:
     """100 steps in every execution path (Shampoo accepts foreach/fused; its matrix work is the same in each)."""
     shapes = [(5, 3), (4, 6), (3, 2, 2, 2), (7,), (6, 10)]
-    params, ref_params, opt, refs = run_both(shapes, CASES[case], STEPS, path)
+    params, ref_params, opt, refs = run_both(shapes, CASES[case], STEPS, host_path)
     assert min(ref.recomputations for ref, p in zip(refs, params) if p.dim() > 1) >= 2
     for p, q in zip(params, ref_params):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-10)

@@ -2,7 +2,8 @@
 
 from stochopt.engine.fused import stage_boundary
 from stochopt.engine.layout import STEP, StateSpec, state_nbytes
-from stochopt.engine.optimizer import ENGINE_DEFAULTS, EngineOptimizer, NonFiniteGradientError, scalar
+from stochopt.engine.optimizer import ENGINE_DEFAULTS, EngineOptimizer, NonFiniteGradientError
+from stochopt.engine.scalars import scalar
 from stochopt.engine.tensorlist import TensorList
 from stochopt.engine.update import centralize
 

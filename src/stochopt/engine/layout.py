@@ -97,12 +97,15 @@ def applicable(specs: tuple[StateSpec, ...], param: Tensor) -> tuple[StateSpec, 
     return tuple(spec for spec in specs if spec.applies_to(param))
 
 
-def new_state_tensor(spec: StateSpec, param: Tensor, state_dtype: torch.dtype | None) -> Tensor:
+def new_state_tensor(
+    spec: StateSpec, param: Tensor, state_dtype: torch.dtype | None, scalar_on_device: bool = False
+) -> Tensor:
+    """``scalar_on_device``: a ``"scalar"`` tensor (a step counter) on the parameter's device, not the CPU."""
     dtype = spec_dtype(spec, param, state_dtype)
     if spec.init == "param":
         return param.detach().to(dtype, copy=True, memory_format=torch.preserve_format)
     if spec.shape == "scalar":
-        return torch.tensor(spec.init, dtype=dtype)
+        return torch.tensor(spec.init, dtype=dtype, device=param.device if scalar_on_device else "cpu")
     if spec.shape == "param":
         return torch.full_like(param, spec.init, dtype=dtype, memory_format=torch.preserve_format)
     return torch.full(spec_shape(spec, param), spec.init, dtype=dtype, device=param.device)

@@ -22,6 +22,7 @@ from __future__ import annotations
 from abc import ABCMeta, abstractmethod
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import nullcontext
 from functools import partial
 from typing import Any
 
@@ -29,8 +30,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from stochopt.engine import checks
-from stochopt.engine.fused import coefficient_dtype, fused_kernel
+from stochopt.engine import checks, scalars
+from stochopt.engine.fused import BUCKET_WIDTH, coefficient_dtype, fused_kernel, update_bucket
 from stochopt.engine.layout import (
     STEP,
     StateSpec,
@@ -63,6 +64,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "nonfinite": None,
     "state_dtype": None,
     "centralize_gradients": False,
+    "capturable": False,
 }
 
 
@@ -87,6 +89,16 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
     """
 
     _sparse_update: Callable[..., None] | None = None
+    #: GradScaler passes its scale and found_inf to ``step`` (as ``self.grad_scale`` / ``self.found_inf``)
+    #: instead of unscaling the gradients and reading found_inf itself: see ``step``.
+    _step_supports_amp_scaling = True
+    #: False: the compiled kernel runs where torch has a native fused kernel for the algorithm (tests compare
+    #: it against torch that way; ``stochopt speed`` times both). A class attribute, so ``stochopt.AdamW.
+    #: use_native_fused = False`` switches one optimizer.
+    use_native_fused: bool = True
+    #: The step can run in tensor mode (engine/scalars.py: ``capturable=True``, or traced by torch.compile)
+    #: without reading a value on the host; False for optimizers whose own step loop decides on the host.
+    _capturable: bool = True
     #: torch's own fused CPU kernel for the same algorithm, used by ``fused=True`` on the CPU where torch has
     #: one (Adam, AdamW, SGD, Adagrad) and the state dtype is the parameter's; elsewhere the compiled kernel runs.
     _native_fused: Callable[..., None] | None = None
@@ -180,23 +192,34 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
                 if spec.name == "step":
                     continue
                 dtype = spec_dtype(spec, param, merged["state_dtype"])
-                device = param.device if spec.shape != "scalar" else torch.device("cpu")
+                on_device = spec.shape != "scalar" or self._on_device(merged, param)
+                device = param.device if on_device else torch.device("cpu")
                 if state[spec.name].dtype != dtype or state[spec.name].device != device:
                     state[spec.name] = saved[spec.name].to(device=device, dtype=dtype, copy=True)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss.
+
+        Under ``torch.amp.GradScaler`` (which sets ``self.grad_scale`` and ``self.found_inf``), the gradients
+        are still scaled: the compiled and native fused kernels unscale them and skip the step on the device
+        where found_inf is set; the other paths read found_inf once (a host synchronization, as GradScaler's
+        own path has) and unscale the gradients in place."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        amp = _amp_scaling(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
         work = [(group, *self._collect(group)) for group in self.param_groups]
         if self._nonfinite_found(work):
             return loss  # before any state is created: a skipped step leaves no trace but the count
+        if amp is not None and not self._capturable:  # own step loops (matrix work): the eager paths' rule
+            if not _host_unscale([g for _, _, grads in work for g in grads], amp):
+                return loss
+            amp = None
         for group, params, grads in work:
             if params:
-                self._step_group(group, params, grads, self._init_state(group, params))
+                self._step_group(group, params, grads, self._init_state(group, params), amp)
         return loss
 
     def _apply_update(
@@ -228,6 +251,21 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
         if group["nonfinite"] not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {group['nonfinite']!r}")
         checks.flag("centralize_gradients", group["centralize_gradients"])
+        checks.flag("capturable", group["capturable"])
+        if group["capturable"]:
+            name = type(self).__name__
+            if not self._capturable:
+                raise ValueError(f"{name} does not support capturable=True: its step decides on the host")
+            if group["foreach"] or group["fused"] is False:
+                raise ValueError(
+                    "capturable=True runs the compiled kernel (coefficients computed on the device): it cannot be "
+                    f"combined with foreach={group['foreach']!r}, fused={group['fused']!r}"
+                )
+            if group["nonfinite"]:
+                raise ValueError(
+                    f"nonfinite={group['nonfinite']!r} reads the gradients' finiteness on the host, which "
+                    "capturable=True rules out; use torch.amp.GradScaler, whose found_inf the step reads on the device"
+                )
         sd = group["state_dtype"]
         if sd is not None and (not isinstance(sd, torch.dtype) or not sd.is_floating_point):
             raise TypeError(f"state_dtype must be a floating torch.dtype or None, got {sd!r}")
@@ -260,8 +298,16 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
             if not state:
                 fresh.add(id(p))
                 for spec in applicable(self._layout(group), p):
-                    state[spec.name] = new_state_tensor(spec, p, group["state_dtype"])
+                    state[spec.name] = new_state_tensor(spec, p, group["state_dtype"], self._on_device(group, p))
         return fresh
+
+    def _on_device(self, group: dict[str, Any], p: Tensor) -> bool:
+        """Scalar state (step counters) lives on the parameter's device, not the CPU: capturable, and fused off
+        the CPU (as torch.optim keeps them), so that the step reads nothing on the host (tensor mode)."""
+        return bool(group["capturable"]) or (bool(group["fused"]) and p.device.type != "cpu")
+
+    def _tensor_mode(self, group: dict[str, Any], p: Tensor) -> bool:
+        return self._on_device(group, p) or torch.compiler.is_compiling()
 
     def _nonfinite_found(self, work: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]) -> bool:
         checked = [(group, params, grads) for group, params, grads in work if group["nonfinite"] and grads]
@@ -280,41 +326,61 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
         self.skipped_steps += 1
         return True
 
-    def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], fresh: set[int]) -> None:
+    def _step_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        fresh: set[int],
+        amp: tuple[Tensor, Tensor] | None = None,
+    ) -> None:
         layout = self._layout(group)
         counted = STEP in layout
+        tensor_mode = self._tensor_mode(group, params[0])
         buckets: dict[tuple[Any, ...], list[int]] = defaultdict(list)
         for i, p in enumerate(params):
-            # A layout without STEP (torch's SGD keeps none) is told 1 on the update that created its state, else 2.
-            step = int(self.state[p]["step"].item()) if counted else (0 if id(p) in fresh else 1)
+            # Number mode: the step counters are CPU tensors (no device synchronization to read one); a layout
+            # without STEP (torch's SGD keeps none) is told 1 on the update that created its state, else 2.
+            # Tensor mode reads nothing: the counters stay on the device, one coefficient row per parameter.
+            step = None if tensor_mode else int(self.state[p]["step"].item()) if counted else int(id(p) not in fresh)
             buckets[(p.device, p.dtype, step, grads[i].is_sparse, p.dim() > 1)].append(i)
         for (device, dtype, step, sparse, matrix), indices in buckets.items():
             names = [spec.name for spec in applicable(layout, params[indices[0]]) if spec.shape != "scalar"]
             ps = [params[i] for i in indices]
             gs = [grads[i] for i in indices]
             states = [self.state[p] for p in ps]
+            compute_dtype = compute_dtype_for(ps[0], group["state_dtype"])
+            state_dtype = state_dtype_for(ps[0], group["state_dtype"])
+            # torch's kernels count steps themselves; without a counter (SGD) they are told the first step
+            native = group["fused"] and (counted or not tensor_mode)
+            native = native and self._native_fits(device, dtype, state_dtype, states, tensor_mode)
+            compiled = not sparse and not native and (bool(group["fused"]) or tensor_mode)
+            if amp is not None and not (native or compiled) and not _host_unscale(gs, amp):
+                continue  # found_inf: the step is skipped (GradScaler lowers the scale)
             if counted:
                 torch._foreach_add_([s["step"] for s in states], 1.0)
-            step += 1
-            self._advance(group, step, states)
-            c = self._coefficients(group, step, states)
+            if tensor_mode:
+                step = _step_vector(states, ps, fresh, counted)
+            else:
+                step += 1
+            with scalars.tensor_mode() if tensor_mode else nullcontext():
+                self._advance(group, step, states)
+                c = self._coefficients(group, step, states)
             flags = self._flags(group, step, matrix)
-            compute_dtype = compute_dtype_for(ps[0], group["state_dtype"])
             centralized = group["centralize_gradients"] and matrix and not sparse
-            state_dtype = state_dtype_for(ps[0], group["state_dtype"])
-            native = group["fused"] and self._native_fits(device, dtype, state_dtype, states)
-            compiled = group["fused"] and not sparse and not native
             if centralized and not compiled:  # the compiled kernel centralizes g itself
                 gs = [centralize(g.to(compute_dtype)) for g in gs]
+            in_kernel_amp = amp if native or compiled else None
             eager = partial(self._run_eager, group, flags, names, compute_dtype, c)
             if sparse:
-                for p, g, s in zip(ps, gs, states):
+                for i, (p, g, s) in enumerate(zip(ps, gs, states)):
                     g = -g if group["maximize"] else g
-                    self._sparse_update(p, g, {n: s[n] for n in names}, c, **flags)
+                    self._sparse_update(p, g, {n: s[n] for n in names}, _row(c, i), **flags)
             elif native:
-                self._native_fused(group, ps, gs, states, flags, step)
+                with scalars.tensor_mode() if tensor_mode else nullcontext():  # a tensor lr stays a tensor
+                    self._native_fused(group, ps, gs, states, flags, step, *(in_kernel_amp or (None, None)))
             elif compiled:
-                self._run_fused(group, flags, names, compute_dtype, ps, gs, states, c, centralized)
+                self._run_compiled(group, flags, names, compute_dtype, ps, gs, states, c, centralized, in_kernel_amp)
             elif group["foreach"] or (group["foreach"] is None and device.type != "cpu"):
                 eager(ps, gs, states, multi_tensor=True)
             elif group["foreach"] is None:
@@ -327,6 +393,8 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
                         eager(*_pick((ps, gs, states), subset), multi_tensor=multi)
             else:
                 eager(ps, gs, states, multi_tensor=False)
+            if counted and in_kernel_amp is not None:  # a step skipped for found_inf is not counted
+                torch._foreach_sub_([s["step"] for s in states], in_kernel_amp[1].to(states[0]["step"].device))
 
     def _run_eager(
         self,
@@ -352,16 +420,21 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
         for p, g, s in zip(ps, gs, states):
             apply_update(self._update, p, g, {n: s[n] for n in names}, c, flags, group["maximize"], compute_dtype)
 
-    def _native_fits(self, device: torch.device, dtype: torch.dtype, state_dtype: torch.dtype, states: list) -> bool:
-        # torch's fused kernels take float32 steps on the parameter's device and state of the parameter's dtype
+    def _native_fits(
+        self, device: torch.device, dtype: torch.dtype, state_dtype: torch.dtype, states: list, tensor_mode: bool
+    ) -> bool:
+        # torch's fused kernels (CPU and CUDA) take float32 steps on the parameter's device and state of the
+        # parameter's dtype; traced by the user's torch.compile, the update is traced like any other code
         return (
             self._native_fused is not None
-            and device.type == "cpu"
+            and self.use_native_fused
+            and device.type in ("cpu", "cuda")
             and state_dtype == dtype
+            and not torch.compiler.is_compiling()
             and states[0].get("step", torch.empty((), dtype=torch.float32)).dtype == torch.float32
         )
 
-    def _run_fused(
+    def _run_compiled(
         self,
         group: dict[str, Any],
         flags: dict[str, Any],
@@ -370,41 +443,124 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
         ps: list[Tensor],
         gs: list[Tensor],
         states: list[dict[str, Tensor]],
-        c: dict[str, float],
+        c: dict[str, Any],
         centralized: bool,
+        amp: tuple[Tensor, Tensor] | None,
     ) -> None:
-        """The compiled kernel per tensor; ``centralized``: the gradients are to be centralized (in the kernel:
-        one more read of g instead of an eager mean, subtraction and temporary)."""
+        """The bucket as tensor code: ``BUCKET_WIDTH`` tensors per launch of the compiled kernel, or, traced by
+        the user's torch.compile, the same code inline (dynamo fuses it with the user's step). ``centralized``:
+        the gradients are to be centralized (in the kernel: one more read of g instead of an eager mean,
+        subtraction and temporary)."""
         coef_names = tuple(c)
+        device = ps[0].device
+        coefs = _coefficient_rows(c, coef_names, len(ps), device, coefficient_dtype(compute_dtype))
+        amp_tensor = None if amp is None else torch.stack([amp[0].reciprocal(), amp[1]]).to(device, coefs.dtype)
+        by_name = {n: [s[n] for s in states] for n in names}
+        if torch.compiler.is_compiling():
+            update_bucket(type(self)._update, flags, coef_names, group["maximize"], compute_dtype,
+                          ps, gs, by_name, coefs, amp_tensor, centralized)  # fmt: skip
+            return
         kernel = fused_kernel(
             type(self)._update, flags, coef_names, group["maximize"], self._compile_options, self._staged, centralized,
-            compute_dtype=compute_dtype,
+            compute_dtype=compute_dtype, amp=amp is not None,
         )  # fmt: skip
-        # at least float32: a bfloat16 tensor would round beta2 = 0.999 to 1.0 (the eager paths take floats)
-        coefs = torch.tensor([c[k] for k in coef_names], dtype=coefficient_dtype(compute_dtype), device=ps[0].device)
-        small = []
-        for i, (p, g, s) in enumerate(zip(ps, gs, states)):
-            tensors = [p, g, *(s[n] for n in names)]
-            # Small tensors cost more in dispatch than the kernel saves, and strided ones cannot be flattened
-            # without a copy: those take the foreach path, together.
-            if p.numel() < SMALL_TENSOR_NUMEL or (self._flatten and not all(t.is_contiguous() for t in tensors)):
-                small.append(i)
-                continue
-            # detach: a view's _base would add shape guards. Centralized, the kernel needs the rows (the mean over
-            # all dimensions but the first), and a row-by-row loop: in a flat loop the compiled kernel would find
-            # each element's row mean by an integer division (measured: the step took 4x as long).
-            shape = (-1,) if not centralized else (p.shape[0], -1)
-            flat = [t.view(shape).detach() if self._flatten else t.detach() for t in tensors]
-            kernel(flat[0], flat[1], dict(zip(names, flat[2:])), coefs)
-        if small:
-            ps, gs, states = _pick((ps, gs, states), small)
-            if centralized:
-                gs = [centralize(g.to(compute_dtype)) for g in gs]
-            self._run_eager(group, flags, names, compute_dtype, c, ps, gs, states, multi_tensor=True)
+        # Flattened (elementwise math) or, centralized, by rows: the kernel needs the rows (the mean over all
+        # dimensions but the first) and a row-by-row loop: in a flat loop the compiled kernel would find each
+        # element's row mean by an integer division (measured: the step took 4x as long). detach: a view's _base
+        # would add shape guards. One tensor per launch where shapes are kept (``_flatten = False``) or the
+        # update is staged. Tensors of fewer than two elements (dynamo specializes sizes 0 and 1) and strided
+        # ones (no flat view without a copy) run the same code uncompiled.
+        width = BUCKET_WIDTH if self._flatten and not self._staged else 1
+        launch, alone = [], []
+        for i, p in enumerate(ps):
+            tensors = [p, gs[i], *(by_name[n][i] for n in names)]
+            fits = p.numel() >= 2 and (not self._flatten or all(t.is_contiguous() for t in tensors))
+            (launch if fits else alone).append(i)
+        for start in range(0, len(launch), width):
+            chunk = launch[start : start + width]
+            args = []
+            for column in (ps, gs, *by_name.values()):
+                views = [_kernel_view(column[i], self._flatten, centralized) for i in chunk]
+                args.append(views + _scratch(views[0], width - len(chunk), len(args)))
+            rows = coefs[chunk]
+            if len(chunk) < width:
+                rows = torch.cat([rows, rows[:1].expand(width - len(chunk), -1)])
+            kernel(args[0], args[1], dict(zip(names, args[2:])), rows, amp_tensor)
+        if alone:
+            sub = _pick((ps, gs, *by_name.values()), alone)
+            update_bucket(type(self)._update, flags, coef_names, group["maximize"], compute_dtype, sub[0], sub[1],
+                          dict(zip(names, sub[2:])), coefs[alone], amp_tensor, centralized)  # fmt: skip
 
 
 def _pick(lists: tuple[list, ...], indices: list[int]) -> list[list]:
     return [[xs[i] for i in indices] for xs in lists]
+
+
+def _row(c: dict[str, Any], i: int) -> dict[str, Any]:
+    """Parameter ``i``'s coefficients: tensor mode gives one entry per parameter of the bucket."""
+    return {k: v[i] if isinstance(v, Tensor) and v.dim() == 1 else v for k, v in c.items()}
+
+
+def _amp_scaling(grad_scale: Tensor | None, found_inf: Tensor | None) -> tuple[Tensor, Tensor] | None:
+    """GradScaler's ``(scale, found_inf)`` for this step, or None. GradScaler sets no grad_scale when the user
+    has already unscaled the gradients (``scaler.unscale_(opt)``): the scale is then 1."""
+    if found_inf is None:
+        return None
+    return (grad_scale if grad_scale is not None else torch.ones_like(found_inf)), found_inf
+
+
+def _host_unscale(gs: list[Tensor], amp: tuple[Tensor, Tensor]) -> bool:
+    """The eager paths' mixed precision: False where found_inf is set (one host read), else the gradients are
+    unscaled in place, as ``GradScaler.unscale_`` does, and True."""
+    scale, found_inf = amp
+    if bool(found_inf.item()):
+        return False
+    torch._foreach_mul_(gs, scale.reciprocal().to(gs[0].device))
+    return True
+
+
+def _step_vector(states: list[dict[str, Tensor]], ps: list[Tensor], fresh: set[int], counted: bool) -> Tensor:
+    """Tensor mode: the bucket's step numbers as a float64 tensor on the parameters' device (engine/scalars.py);
+    without a STEP counter in the layout, 1 on the update that created the state, else 2."""
+    device = ps[0].device
+    if counted:
+        return torch.stack([s["step"] for s in states]).to(device, torch.float64)
+    return torch.tensor([1.0 if id(p) in fresh else 2.0 for p in ps], dtype=torch.float64, device=device)
+
+
+def _coefficient_rows(
+    c: dict[str, Any], names: tuple[str, ...], n: int, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """The coefficients as an ``(n, len(names))`` tensor: numbers (number mode) repeated on every row, tensors
+    (tensor mode: one entry per parameter, or one for all) broadcast to their rows."""
+    if not any(isinstance(c[k], Tensor) for k in names):
+        return torch.tensor([c[k] for k in names], dtype=dtype, device=device).repeat(n, 1)
+    columns = [torch.as_tensor(c[k], dtype=torch.float64).to(device).expand(n) for k in names]
+    return torch.stack(columns, dim=1).to(dtype)
+
+
+def _kernel_view(t: Tensor, flatten: bool, centralized: bool) -> Tensor:
+    """What the compiled kernel sees of ``t``: flat, by rows (centralized), or in its shape; detached, because a
+    view's ``_base`` would add shape guards."""
+    if not flatten:
+        return t.detach()
+    return (t.view(-1) if not centralized else t.view(t.shape[0], -1)).detach()
+
+
+_SCRATCH: dict[tuple[Any, ...], list[Tensor]] = {}
+
+
+def _scratch(like: Tensor, count: int, column: int) -> list[Tensor]:
+    """``count`` two-element tensors that pad a launch to the kernel's width: distinct per column and slot (the
+    kernel must not see one tensor twice), written by the kernel and never read by anything else."""
+    if count <= 0:
+        return []
+    shape = (2,) if like.dim() == 1 else (2, 2)
+    key = (like.device, like.dtype, shape, column)
+    pads = _SCRATCH.setdefault(key, [])
+    while len(pads) < count:
+        pads.append(torch.ones(shape, dtype=like.dtype, device=like.device))
+    return pads[:count]
 
 
 def _round_trip_chunks(
@@ -424,8 +580,3 @@ def _round_trip_chunks(
         chunks[-1].append(i)
         size += p.numel()
     return chunks
-
-
-def scalar(value: Any) -> float:
-    """A hyperparameter as a Python float (torch.optim accepts 0-d tensors for lr and betas)."""
-    return float(value.item()) if isinstance(value, Tensor) else float(value)

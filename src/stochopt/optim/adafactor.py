@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from stochopt.engine import STEP, EngineOptimizer, StateSpec, TensorList, checks, scalar, stage_boundary
+from stochopt.engine.scalars import minimum
 from stochopt.optim.common import decoupled_decay_, ema_
 
 #: rows summed together first by ``mean_over_rows`` (see there)
@@ -101,13 +103,15 @@ class Adafactor(EngineOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        capturable: bool = False,
         nonfinite: str | None = None,
         state_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = dict(
             lr=1e-2 if lr is None else lr, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay,
             beta1=beta1,
-            maximize=maximize, foreach=foreach, fused=fused, nonfinite=nonfinite, state_dtype=state_dtype,
+            maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
+            state_dtype=state_dtype,
         )  # fmt: skip
         super().__init__(params, defaults)
 
@@ -138,19 +142,22 @@ class Adafactor(EngineOptimizer):
     def _flags(self, group: dict[str, Any], step: int, matrix: bool) -> dict[str, Any]:
         return {"factored": matrix, "decay": group["weight_decay"] != 0, "momentum": group["beta1"] is not None}
 
-    def _coefficients(self, group: dict[str, Any], step: int, states: list) -> dict[str, float]:
+    def _coefficients(self, group: dict[str, Any], step: Any, states: list) -> dict[str, Any]:
         lr = scalar(group["lr"])
         eps1, eps2 = group["eps"]
-        if eps1 is None:  # the machine epsilon of the dtype the update is computed in
+        if eps1 is None:  # the machine epsilon of the dtype the update is computed in (a dtype: no value is read)
             dtype = next(t.dtype for k, t in states[0].items() if k != "step")
             eps1 = torch.finfo(dtype).eps
+        eps1 = scalar(eps1)
         beta1 = scalar(group["beta1"]) if group["beta1"] is not None else 0.0
+        step = step if isinstance(step, Tensor) else float(step)
         return {
-            "one_minus_beta2": float(step) ** scalar(group["beta2_decay"]),
-            "rho": min(lr, step**-0.5),
-            "eps1": float(eps1),
-            "eps1_sq": float(eps1) ** 2,
-            "inv_eps1": 1.0 / eps1 if eps1 > 0 else float("inf"),
+            "one_minus_beta2": step ** scalar(group["beta2_decay"]),
+            "rho": minimum(lr, step**-0.5),
+            "eps1": eps1,
+            "eps1_sq": eps1**2,
+            # a tensor eps1 of 0 gives inf by itself
+            "inv_eps1": 1.0 / eps1 if isinstance(eps1, Tensor) or eps1 > 0 else float("inf"),
             "eps2": scalar(eps2),
             "inv_d": 1.0 / scalar(group["d"]),
             "decay_factor": 1.0 - lr * scalar(group["weight_decay"]),

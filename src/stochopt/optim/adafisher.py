@@ -141,6 +141,8 @@ class AdaFisher(EngineOptimizer):
     code weights the two terms by separate gammas); weight decay is decoupled (AdaFisherW).
     """
 
+    _capturable = False  # its step loop decides on the host (matrix work per tensor)
+
     @staticmethod
     def params_from_module(model: nn.Module) -> nn.Module:
         """``create_optimizer("adafisher", model)`` passes the model itself: the hooks need its layers."""
@@ -159,6 +161,7 @@ class AdaFisher(EngineOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        capturable: bool = False,
         nonfinite: str | None = None,
         state_dtype: torch.dtype | None = None,
         process_group: Any = None,
@@ -176,7 +179,8 @@ class AdaFisher(EngineOptimizer):
             params = self._attach(params)
         defaults = dict(
             lr=lr, betas=betas, gamma=gamma, damping=damping, eps=eps, weight_decay=weight_decay, kronecker=False,
-            maximize=maximize, foreach=foreach, fused=fused, nonfinite=nonfinite, state_dtype=state_dtype,
+            maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
+            state_dtype=state_dtype,
         )  # fmt: skip
         super().__init__(params, defaults)
 
@@ -293,7 +297,9 @@ class AdaFisher(EngineOptimizer):
             self._factors = {}
         return loss
 
-    def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], fresh: set[int]) -> None:
+    def _step_group(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], fresh: set[int], amp: Any = None
+    ) -> None:
         if not group["kronecker"]:
             super()._step_group(group, params, grads, fresh)
             return

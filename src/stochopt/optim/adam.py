@@ -45,6 +45,7 @@ class Adam(EngineOptimizer):
         foreach: bool | None = None,
         maximize: bool = False,
         fused: bool | None = None,
+        capturable: bool = False,
         decoupled_weight_decay: bool = False,
         nonfinite: str | None = None,
         state_dtype: torch.dtype | None = None,
@@ -52,7 +53,8 @@ class Adam(EngineOptimizer):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             decoupled_weight_decay=decoupled_weight_decay,
-            maximize=maximize, foreach=foreach, fused=fused, nonfinite=nonfinite, state_dtype=state_dtype,
+            maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
+            state_dtype=state_dtype,
         )  # fmt: skip
         super().__init__(params, defaults)
 
@@ -85,7 +87,9 @@ class Adam(EngineOptimizer):
         denom = v.sqrt().div_(c["bc2_sqrt"]).add_(c["eps"])
         p.addcdiv_(m, denom, value=c["neg_step_size"])
 
-    def _native_fused(self, group: dict, ps: list, gs: list, states: list, flags: dict, step: int) -> None:
+    def _native_fused(
+        self, group: dict, ps: list, gs: list, states: list, flags: dict, step: Any, grad_scale: Any, found_inf: Any
+    ) -> None:
         kernel = torch._fused_adamw_ if flags["decoupled"] else torch._fused_adam_
         beta1, beta2 = (scalar(b) for b in group["betas"])
         kernel(
@@ -93,6 +97,7 @@ class Adam(EngineOptimizer):
             [s["max_exp_avg_sq"] for s in states] if flags["amsgrad"] else [], [s["step"] for s in states],
             lr=scalar(group["lr"]), beta1=beta1, beta2=beta2, weight_decay=scalar(group["weight_decay"]),
             eps=scalar(group["eps"]), amsgrad=flags["amsgrad"], maximize=group["maximize"],
+            grad_scale=grad_scale, found_inf=found_inf,
         )  # fmt: skip
 
 
@@ -118,11 +123,13 @@ class AdamW(Adam):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        capturable: bool = False,
         nonfinite: str | None = None,
         state_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize, fused=fused,
+            capturable=capturable,
             decoupled_weight_decay=True, nonfinite=nonfinite, state_dtype=state_dtype,
         )  # fmt: skip
 
@@ -156,13 +163,15 @@ class QHAdam(EngineOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        capturable: bool = False,
         nonfinite: str | None = None,
         state_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, nus=nus, eps=eps, weight_decay=weight_decay,
             decoupled_weight_decay=decoupled_weight_decay,
-            maximize=maximize, foreach=foreach, fused=fused, nonfinite=nonfinite, state_dtype=state_dtype,
+            maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
+            state_dtype=state_dtype,
         )  # fmt: skip
         super().__init__(params, defaults)
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from stochopt.engine import STEP, EngineOptimizer, StateSpec, checks, scalar
+from stochopt.engine.scalars import maximum, sqrt, where
 from stochopt.optim.adam import ADAM_MOMENTS
 from stochopt.optim.common import (
     adam_coefficients,
@@ -49,13 +50,15 @@ class NAdam(EngineOptimizer):
         foreach: bool | None = None,
         maximize: bool = False,
         fused: bool | None = None,
+        capturable: bool = False,
         nonfinite: str | None = None,
         state_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum_decay=momentum_decay,
             decoupled_weight_decay=decoupled_weight_decay,
-            maximize=maximize, foreach=foreach, fused=fused, nonfinite=nonfinite, state_dtype=state_dtype,
+            maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
+            state_dtype=state_dtype,
         )  # fmt: skip
         super().__init__(params, defaults)
 
@@ -71,18 +74,31 @@ class NAdam(EngineOptimizer):
         return {"decay": group["weight_decay"] != 0, "decoupled": bool(group["decoupled_weight_decay"])}
 
     @staticmethod
-    def _mu(group: dict[str, Any], step: int) -> float:
-        """The momentum coefficient of ``step`` (Dozat's warming schedule with ``momentum_decay``)."""
+    def _mu(group: dict[str, Any], step: Any) -> Any:
+        """The momentum coefficient of ``step`` (Dozat's warming schedule with ``momentum_decay``): a float for
+        an int step, one per parameter for a step tensor (tensor mode)."""
         return scalar(group["betas"][0]) * (1.0 - 0.5 * 0.96 ** (step * scalar(group["momentum_decay"])))
 
-    def _advance(self, group: dict[str, Any], step: int, states: list) -> None:
+    def _advance(self, group: dict[str, Any], step: Any, states: list) -> None:
         # The running product is scalar state, kept in torch's scalar dtype like torch.optim.NAdam keeps it.
-        torch._foreach_mul_([s["mu_product"] for s in states], self._mu(group, step))
+        products = [s["mu_product"] for s in states]
+        mu = self._mu(group, step)
+        if not isinstance(mu, Tensor):
+            torch._foreach_mul_(products, mu)
+            return
+        # tensor mode: one mu per parameter, on the step's device; the product is taken in the state's dtype, as
+        # _foreach_mul_ takes it (mu rounded to that dtype, then one multiplication), and written back in place
+        stacked = torch.stack(products).to(mu.device)
+        for product, value in zip(products, (stacked * mu.to(stacked.dtype)).unbind()):
+            product.copy_(value)
 
-    def _coefficients(self, group: dict[str, Any], step: int, states: list) -> dict[str, float]:
+    def _coefficients(self, group: dict[str, Any], step: Any, states: list) -> dict[str, Any]:
         c = adam_coefficients(group, step)
         mu, mu_next = self._mu(group, step), self._mu(group, step + 1)
-        mu_product = states[0]["mu_product"].item()
+        if isinstance(step, Tensor):  # tensor mode: each parameter's own product, read on the device
+            mu_product = torch.stack([s["mu_product"] for s in states]).to(device=step.device, dtype=step.dtype)
+        else:
+            mu_product = states[0]["mu_product"].item()
         c.update(
             bc2=bias_correction(scalar(group["betas"][1]), step),
             grad_coef=-c["lr"] * (1.0 - mu) / (1.0 - mu_product),
@@ -128,12 +144,14 @@ class RAdam(EngineOptimizer):
         foreach: bool | None = None,
         maximize: bool = False,
         fused: bool | None = None,
+        capturable: bool = False,
         nonfinite: str | None = None,
         state_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
-            maximize=maximize, foreach=foreach, fused=fused, nonfinite=nonfinite, state_dtype=state_dtype,
+            maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
+            state_dtype=state_dtype,
         )  # fmt: skip
         super().__init__(params, defaults)
 
@@ -145,7 +163,7 @@ class RAdam(EngineOptimizer):
         return ADAM_MOMENTS
 
     @staticmethod
-    def _rho(beta2: float, step: int) -> tuple[float, float]:
+    def _rho(beta2: Any, step: Any) -> tuple[Any, Any]:
         rho_inf = 2.0 / (1.0 - beta2) - 1.0
         return rho_inf, rho_inf - 2.0 * step * beta2**step / bias_correction(beta2, step)
 
@@ -159,11 +177,15 @@ class RAdam(EngineOptimizer):
         # Both branches of the method are one expression, scale = a / (sqrt(v) + eps') + b, with (a, b) =
         # (r_t sqrt(1 - beta2^t), 0) once rectified and (0, 1) before: the fused kernel compiles once, and
         # eps' = 1 before rectification keeps a zero denominator from turning 0 * inf into NaN.
-        if rho_t > 5.0:
-            rect = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
-            c.update(adaptive_weight=rect * c["bc2_sqrt"], sgd_weight=0.0)
-        else:
-            c.update(adaptive_weight=0.0, sgd_weight=1.0, eps=1.0)
+        # In tensor mode both branches are computed: r_t's radicand, negative for some rho_t <= 5, is clamped at 0
+        # (where rho_t > 5 it is positive, and the clamp changes nothing).
+        rectified = rho_t > 5.0
+        rect = sqrt(maximum((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t), 0.0))
+        c.update(
+            adaptive_weight=where(rectified, rect * c["bc2_sqrt"], 0.0),
+            sgd_weight=where(rectified, 0.0, 1.0),
+            eps=where(rectified, c["eps"], 1.0),
+        )
         return c
 
     @staticmethod
@@ -206,13 +228,15 @@ class AdaBound(EngineOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        capturable: bool = False,
         nonfinite: str | None = None,
         state_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, final_lr=final_lr, gamma=gamma, eps=eps, weight_decay=weight_decay,
             amsbound=amsbound,
-            maximize=maximize, foreach=foreach, fused=fused, nonfinite=nonfinite, state_dtype=state_dtype,
+            maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
+            state_dtype=state_dtype,
         )  # fmt: skip
         super().__init__(params, defaults)
 
@@ -227,11 +251,17 @@ class AdaBound(EngineOptimizer):
     def _init_group(self, group: dict[str, Any]) -> None:
         group.setdefault("base_lr", scalar(group["lr"]))  # eta_0: the bounds follow lr / base_lr
 
-    def _advance(self, group: dict[str, Any], step: int, states: list) -> None:
+    def _advance(self, group: dict[str, Any], step: Any, states: list) -> None:
         # a group built with lr=0 (a warmup from 0) takes its first positive lr as eta_0: otherwise its bounds
         # would stay 0 whatever lr becomes
-        if group["base_lr"] == 0.0 and scalar(group["lr"]) > 0.0:
-            group["base_lr"] = scalar(group["lr"])
+        lr, base = scalar(group["lr"]), group["base_lr"]
+        if not isinstance(lr, Tensor) and not isinstance(base, Tensor):
+            if base == 0.0 and lr > 0.0:
+                group["base_lr"] = lr
+        elif isinstance(base, Tensor):  # tensor mode, eta_0 still to be taken on the device: in place
+            base.copy_(torch.where((base == 0.0) & (lr > 0.0), lr, base))
+        elif base == 0.0:  # tensor mode with a tensor lr: eta_0 becomes a tensor (lr if positive, else 0)
+            group["base_lr"] = torch.where(lr > 0.0, lr, torch.zeros_like(lr))
 
     def _layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
         return ADAM_MOMENTS + ((StateSpec("max_exp_avg_sq"),) if group["amsbound"] else ())
@@ -239,13 +269,17 @@ class AdaBound(EngineOptimizer):
     def _flags(self, group: dict[str, Any], step: int, matrix: bool) -> dict[str, Any]:
         return {"decay": group["weight_decay"] != 0, "amsbound": bool(group["amsbound"])}
 
-    def _coefficients(self, group: dict[str, Any], step: int, states: list) -> dict[str, float]:
+    def _coefficients(self, group: dict[str, Any], step: Any, states: list) -> dict[str, Any]:
         c = adam_coefficients(group, step)
         beta1, beta2 = (scalar(b) for b in group["betas"])
-        final_lr = scalar(group["final_lr"]) * c["lr"] / group["base_lr"] if group["base_lr"] else 0.0
+        base_lr = scalar(group["base_lr"])  # a tensor in tensor mode where _advance took eta_0 from a tensor lr
+        if isinstance(base_lr, Tensor):  # 0/0 where eta_0 is 0 is not chosen
+            final_lr = where(base_lr != 0.0, scalar(group["final_lr"]) * c["lr"] / base_lr, 0.0)
+        else:
+            final_lr = scalar(group["final_lr"]) * c["lr"] / base_lr if base_lr else 0.0
         gamma = float(group["gamma"])
         c.update(
-            step_size=c["lr"] * math.sqrt(bias_correction(beta2, step)) / bias_correction(beta1, step),
+            step_size=c["lr"] * sqrt(bias_correction(beta2, step)) / bias_correction(beta1, step),
             lower=final_lr * (1.0 - 1.0 / (gamma * step + 1.0)),
             upper=final_lr * (1.0 + 1.0 / (gamma * step)),
         )

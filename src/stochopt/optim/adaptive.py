@@ -40,12 +40,14 @@ class Adagrad(EngineOptimizer):
         *,
         maximize: bool = False,
         fused: bool | None = None,
+        capturable: bool = False,
         nonfinite: str | None = None,
         state_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, initial_accumulator_value=initial_accumulator_value,
-            eps=eps, maximize=maximize, foreach=foreach, fused=fused, nonfinite=nonfinite, state_dtype=state_dtype,
+            eps=eps, maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
+            state_dtype=state_dtype,
         )  # fmt: skip
         super().__init__(params, defaults)
 
@@ -72,11 +74,13 @@ class Adagrad(EngineOptimizer):
         s.addcmul_(g, g, value=1.0)
         p.addcdiv_(g, s.sqrt().add_(c["eps"]), value=c["neg_lr"])
 
-    def _native_fused(self, group: dict, ps: list, gs: list, states: list, flags: dict, step: int) -> None:
+    def _native_fused(
+        self, group: dict, ps: list, gs: list, states: list, flags: dict, step: Any, grad_scale: Any, found_inf: Any
+    ) -> None:
         torch._fused_adagrad_(
             ps, gs, [s["sum"] for s in states], [s["step"] for s in states], lr=scalar(group["lr"]),
             lr_decay=scalar(group["lr_decay"]), weight_decay=scalar(group["weight_decay"]), eps=scalar(group["eps"]),
-            maximize=group["maximize"],
+            maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf,
         )  # fmt: skip
 
 
@@ -106,12 +110,14 @@ class RMSprop(EngineOptimizer):
         maximize: bool = False,
         *,
         fused: bool | None = None,
+        capturable: bool = False,
         nonfinite: str | None = None,
         state_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered,
-            maximize=maximize, foreach=foreach, fused=fused, nonfinite=nonfinite, state_dtype=state_dtype,
+            maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
+            state_dtype=state_dtype,
         )  # fmt: skip
         super().__init__(params, defaults)
 
@@ -190,12 +196,14 @@ class Adadelta(EngineOptimizer):
         *,
         maximize: bool = False,
         fused: bool | None = None,
+        capturable: bool = False,
         nonfinite: str | None = None,
         state_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, rho=rho, eps=eps, weight_decay=weight_decay,
-            maximize=maximize, foreach=foreach, fused=fused, nonfinite=nonfinite, state_dtype=state_dtype,
+            maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
+            state_dtype=state_dtype,
         )  # fmt: skip
         super().__init__(params, defaults)
 

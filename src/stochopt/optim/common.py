@@ -1,7 +1,9 @@
 """Pieces of update math that several optimizers share, each written once.
 
 Every function works on a Tensor (loop and fused paths) and on a TensorList (foreach path); coefficients are
-Python floats in the eager paths and 0-d tensors in the fused path.
+Python floats in the eager paths and 0-d tensors in the fused path. The coefficient helpers (``bias_correction``,
+``adam_coefficients``) work in both modes of engine/scalars.py: Python floats for an int ``step``, tensors of the
+step's shape for a float64 step tensor (tensor mode), with no value read by the host.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import torch
 from stochopt.engine import TensorList, checks, scalar
 
 
-def bias_correction(beta: float, step: int) -> float:
-    """1 - beta^t: the factor that removes the zero-initialization bias of an EMA after t steps."""
+def bias_correction(beta: Any, step: Any) -> Any:
+    """1 - beta^t: the factor that removes the zero-initialization bias of an EMA after t steps.
+
+    A Python float for an int ``step`` (and a float ``beta``); a tensor for a step tensor or a tensor ``beta``."""
     return 1.0 - beta**step
 
 
@@ -76,8 +80,11 @@ def nesterov_direction(g: Any, buf: Any, momentum: Any) -> Any:
     return add_scaled(g, buf, momentum)
 
 
-def adam_coefficients(group: dict[str, Any], step: int) -> dict[str, float]:
-    """The scalars of the Adam family at ``step``: EMA weights, bias corrections and decay factors."""
+def adam_coefficients(group: dict[str, Any], step: Any) -> dict[str, Any]:
+    """The scalars of the Adam family at ``step``: EMA weights, bias corrections and decay factors.
+
+    Python floats for an int ``step``; in tensor mode (a float64 step tensor of shape (n,)) the step-dependent
+    ones are tensors of that shape and the others Python floats, or tensors where the hyperparameter is one."""
     lr = scalar(group["lr"])
     beta1, beta2 = (scalar(b) for b in group["betas"])
     wd = scalar(group["weight_decay"])

@@ -56,13 +56,15 @@ class Lamb(EngineOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        capturable: bool = False,
         nonfinite: str | None = None,
         state_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, trust_ratio=trust_ratio,
             max_trust_ratio=max_trust_ratio,
-            maximize=maximize, foreach=foreach, fused=fused, nonfinite=nonfinite, state_dtype=state_dtype,
+            maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
+            state_dtype=state_dtype,
         )  # fmt: skip
         super().__init__(params, defaults)
 
@@ -88,7 +90,7 @@ class Lamb(EngineOptimizer):
             inv_bc1=1.0 / bias_correction(scalar(group["betas"][0]), step),
             inv_bc2_sqrt=1.0 / c["bc2_sqrt"],
             neg_lr=-c["lr"],
-            max_trust_ratio=float(group["max_trust_ratio"] or 0.0),
+            max_trust_ratio=scalar(group["max_trust_ratio"]) if group["max_trust_ratio"] is not None else 0.0,
         )
         return c
 
@@ -133,13 +135,15 @@ class Lars(EngineOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        capturable: bool = False,
         nonfinite: str | None = None,
         state_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps,
             exclude_1d=exclude_1d,
-            maximize=maximize, foreach=foreach, fused=fused, nonfinite=nonfinite, state_dtype=state_dtype,
+            maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
+            state_dtype=state_dtype,
         )  # fmt: skip
         super().__init__(params, defaults)
 

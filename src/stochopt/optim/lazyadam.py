@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from stochopt.engine import StateSpec
+from stochopt.engine.scalars import sqrt
 from stochopt.optim.adam import ADAM_MOMENTS, Adam
 
 
@@ -41,11 +41,13 @@ class LazyAdam(Adam):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        capturable: bool = False,
         nonfinite: str | None = None,
         state_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, 0.0, False, foreach=foreach, maximize=maximize, fused=fused,
+            capturable=capturable,
             nonfinite=nonfinite, state_dtype=state_dtype,
         )  # fmt: skip
 
@@ -54,7 +56,7 @@ class LazyAdam(Adam):
 
     def _coefficients(self, group: dict[str, Any], step: int, states: list) -> dict[str, float]:
         c = super()._coefficients(group, step, states)
-        c["sparse_neg_step"] = c["neg_step_size"] * math.sqrt(1.0 - c["beta2"] ** step)
+        c["sparse_neg_step"] = c["neg_step_size"] * sqrt(1.0 - c["beta2"] ** step)
         return c
 
     @staticmethod

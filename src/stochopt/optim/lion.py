@@ -32,12 +32,14 @@ class Lion(EngineOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        capturable: bool = False,
         nonfinite: str | None = None,
         state_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, weight_decay=weight_decay,
-            maximize=maximize, foreach=foreach, fused=fused, nonfinite=nonfinite, state_dtype=state_dtype,
+            maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
+            state_dtype=state_dtype,
         )  # fmt: skip
         super().__init__(params, defaults)
 

@@ -114,6 +114,8 @@ class Muon(EngineOptimizer):
     device multiplies it natively, float32 elsewhere).
     """
 
+    _capturable = False  # its step loop decides on the host (matrix work per tensor)
+
     def __init__(
         self,
         params: Any,
@@ -134,6 +136,7 @@ class Muon(EngineOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        capturable: bool = False,
         nonfinite: str | None = None,
         state_dtype: torch.dtype | None = None,
     ) -> None:
@@ -141,7 +144,8 @@ class Muon(EngineOptimizer):
             lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_coefficients=ns_coefficients,
             eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
             use_muon=use_muon, ns_dtype=ns_dtype,
-            maximize=maximize, foreach=foreach, fused=fused, nonfinite=nonfinite, state_dtype=state_dtype,
+            maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
+            state_dtype=state_dtype,
         )  # fmt: skip
         checks.flag("distributed", distributed)
         self.distributed = distributed
@@ -191,7 +195,9 @@ class Muon(EngineOptimizer):
         return {"decay": group["weight_decay"] != 0, "decoupled": True, "amsgrad": False}
 
     # ----- the Muon part ------------------------------------------------------------------------------------
-    def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], fresh: set[int]) -> None:
+    def _step_group(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], fresh: set[int], amp: Any = None
+    ) -> None:
         mine = [i for i, p in enumerate(params) if owned_by_muon(group, p)]
         others = sorted(set(range(len(params))) - set(mine))
         if others:

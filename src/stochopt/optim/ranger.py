@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from stochopt.engine import StateSpec, checks, scalar
+from stochopt.engine.scalars import where
 from stochopt.optim.adam_variants import RAdam
 from stochopt.optim.common import ema_
 
@@ -42,6 +43,7 @@ class Ranger(RAdam):
         foreach: bool | None = None,
         maximize: bool = False,
         fused: bool | None = None,
+        capturable: bool = False,
         nonfinite: str | None = None,
         state_dtype: torch.dtype | None = None,
     ) -> None:
@@ -49,7 +51,7 @@ class Ranger(RAdam):
         self._ranger_defaults = {"k": k, "alpha": alpha, "centralize_gradients": centralize_gradients}
         super().__init__(
             params, lr, betas, eps, weight_decay, decoupled_weight_decay, foreach=foreach, maximize=maximize,
-            fused=fused, nonfinite=nonfinite, state_dtype=state_dtype,
+            fused=fused, capturable=capturable, nonfinite=nonfinite, state_dtype=state_dtype,
         )  # fmt: skip
         self.defaults.update(self._ranger_defaults)
 
@@ -66,16 +68,28 @@ class Ranger(RAdam):
     def _layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
         return super()._layout(group) + (StateSpec("slow_param", init="param"),)
 
-    def _flags(self, group: dict[str, Any], step: int, matrix: bool) -> dict[str, Any]:
-        return {**super()._flags(group, step, matrix), "sync": step % group["k"] == 0}
+    def _flags(self, group: dict[str, Any], step: Any, matrix: bool) -> dict[str, Any]:
+        # Tensor mode (capturable, or traced by torch.compile) cannot decide on the host which steps
+        # synchronize: every step then runs the synchronization with a weight of 0 or 1 ("masked"), exact either
+        # way (lerp with weight 0 leaves p, with weight 1 gives the slow weights), for one more read and write
+        # of the slow weights on the steps that do not synchronize.
+        sync = "masked" if isinstance(step, torch.Tensor) else step % group["k"] == 0
+        return {**super()._flags(group, step, matrix), "sync": sync}
 
-    def _coefficients(self, group: dict[str, Any], step: int, states: list) -> dict[str, float]:
-        return {**super()._coefficients(group, step, states), "lookahead_alpha": scalar(group["alpha"])}
+    def _coefficients(self, group: dict[str, Any], step: Any, states: list) -> dict[str, Any]:
+        c = {**super()._coefficients(group, step, states), "lookahead_alpha": scalar(group["alpha"])}
+        if isinstance(step, torch.Tensor):
+            due = torch.remainder(step, group["k"]) == 0
+            c.update(sync_alpha=where(due, c["lookahead_alpha"], 0.0), sync_weight=where(due, 1.0, 0.0))
+        return c
 
     @staticmethod
-    def _update(p: Any, g: Any, state: dict, c: dict, *, decay: bool, decoupled: bool, sync: bool) -> None:
+    def _update(p: Any, g: Any, state: dict, c: dict, *, decay: bool, decoupled: bool, sync: bool | str) -> None:
         RAdam._update(p, g, state, c, decay=decay, decoupled=decoupled)
-        if sync:
-            slow = state["slow_param"]
+        slow = state["slow_param"]
+        if sync == "masked":
+            ema_(slow, p, c["sync_alpha"])
+            p.lerp_(slow, c["sync_weight"])
+        elif sync:
             ema_(slow, p, c["lookahead_alpha"])
             p.copy_(slow)

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from stochopt.engine import STEP, EngineOptimizer, StateSpec, checks, scalar
+from stochopt.engine.scalars import where
 from stochopt.optim.common import heavy_ball_, l2_penalty, nesterov_direction
 
 
@@ -39,12 +40,14 @@ class SGD(EngineOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        capturable: bool = False,
         nonfinite: str | None = None,
         state_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-            maximize=maximize, foreach=foreach, fused=fused, nonfinite=nonfinite, state_dtype=state_dtype,
+            maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
+            state_dtype=state_dtype,
         )  # fmt: skip
         super().__init__(params, defaults)
 
@@ -73,7 +76,7 @@ class SGD(EngineOptimizer):
 
     def _coefficients(self, group: dict[str, Any], step: int, states: list) -> dict[str, float]:
         # torch.optim.SGD starts the buffer at b_1 = g_1 (no dampening on the first step)
-        dampening_factor = 1.0 if step == 1 else 1.0 - scalar(group["dampening"])
+        dampening_factor = where(step == 1, 1.0, 1.0 - scalar(group["dampening"]))
         return {
             "neg_lr": -scalar(group["lr"]),
             "momentum": scalar(group["momentum"]),
@@ -91,12 +94,14 @@ class SGD(EngineOptimizer):
             g = nesterov_direction(g, buf, c["momentum"]) if nesterov else buf
         p.add_(g, alpha=c["neg_lr"])
 
-    def _native_fused(self, group: dict, ps: list, gs: list, states: list, flags: dict, step: int) -> None:
+    def _native_fused(
+        self, group: dict, ps: list, gs: list, states: list, flags: dict, step: Any, grad_scale: Any, found_inf: Any
+    ) -> None:
         buffers = [s["momentum_buffer"] for s in states] if flags["momentum"] else []
         torch._fused_sgd_(
             ps, gs, buffers, weight_decay=scalar(group["weight_decay"]), momentum=scalar(group["momentum"]),
             lr=scalar(group["lr"]), dampening=scalar(group["dampening"]), nesterov=flags["nesterov"],
-            maximize=group["maximize"], is_first_step=step == 1,
+            maximize=group["maximize"], is_first_step=step == 1, grad_scale=grad_scale, found_inf=found_inf,
         )  # fmt: skip
 
 
@@ -123,12 +128,14 @@ class QHM(EngineOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        capturable: bool = False,
         nonfinite: str | None = None,
         state_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, nu=nu, weight_decay=weight_decay,
-            maximize=maximize, foreach=foreach, fused=fused, nonfinite=nonfinite, state_dtype=state_dtype,
+            maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
+            state_dtype=state_dtype,
         )  # fmt: skip
         super().__init__(params, defaults)
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from stochopt.engine import STEP, EngineOptimizer, StateSpec, checks, scalar
+from stochopt.engine.scalars import where
 from stochopt.optim.common import bias_correction, decoupled_decay_, ema_, ema_square_
 
 GRAFTINGS = ("adagrad", "adam", "none")
@@ -95,6 +96,8 @@ class Shampoo(EngineOptimizer):
     ``foreach``/``fused`` are accepted for the contract; the matrix work is the same in every path.
     """
 
+    _capturable = False  # its step loop decides on the host (matrix work per tensor)
+
     def __init__(
         self,
         params: Any,
@@ -111,6 +114,7 @@ class Shampoo(EngineOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        capturable: bool = False,
         nonfinite: str | None = None,
         state_dtype: torch.dtype | None = None,
     ) -> None:
@@ -118,7 +122,8 @@ class Shampoo(EngineOptimizer):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, precondition_frequency=precondition_frequency,
             start_preconditioning_step=start_preconditioning_step, max_preconditioner_dim=max_preconditioner_dim,
             grafting=grafting, graft_eps=graft_eps,
-            maximize=maximize, foreach=foreach, fused=fused, nonfinite=nonfinite, state_dtype=state_dtype,
+            maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
+            state_dtype=state_dtype,
         )  # fmt: skip
         super().__init__(params, defaults)
 
@@ -155,9 +160,9 @@ class Shampoo(EngineOptimizer):
         return {
             "lr": lr,
             "beta2": beta2,
-            "stat_weight": 1.0 if beta2 == 1.0 else 1.0 - beta2,
+            "stat_weight": where(beta2 == 1.0, 1.0, 1.0 - beta2),
             "one_minus_beta1": 1.0 - beta1,
-            "momentum_correction": bias_correction(beta1, step) if beta1 > 0 else 1.0,
+            "momentum_correction": where(beta1 > 0, bias_correction(beta1, step), 1.0),
             "graft_correction": bias_correction(beta2, step) if group["grafting"] == "adam" else 1.0,
             "graft_eps": scalar(group["graft_eps"]),
             "decay_factor": 1.0 - lr * scalar(group["weight_decay"]),
@@ -169,7 +174,9 @@ class Shampoo(EngineOptimizer):
             "max_dim": group["max_preconditioner_dim"],
         }
 
-    def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], fresh: set[int]) -> None:
+    def _step_group(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], fresh: set[int], amp: Any = None
+    ) -> None:
         for p, g in zip(params, grads):
             state = self.state[p]
             state["step"] += 1
