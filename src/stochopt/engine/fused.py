@@ -101,22 +101,21 @@ def fused_kernel(
 def update_bucket(
     update: Callable[..., None],
     flags: dict[str, Any],
-    coef_names: tuple[str, ...],
     maximize: bool,
     compute_dtype: torch.dtype,
     ps: list[Tensor],
     gs: list[Tensor],
     states: dict[str, list[Tensor]],
-    coefs: Tensor,
+    coefficients: list[dict[str, Any]],
     amp: Tensor | None,
     centralized: bool = False,
 ) -> None:
-    """The update of tensors ``ps`` (one row of ``coefs`` each), written once for every path that runs whole
-    buckets as tensor code: the compiled kernel's body, and a step traced by the user's ``torch.compile``."""
-    rows = coefs.unbind(0)
+    """The update of tensors ``ps`` (``coefficients[i]`` for ``ps[i]``), written once for every path that runs
+    whole buckets as tensor code: the compiled kernel's body, a step traced by the user's ``torch.compile``, and
+    the tensors the kernel does not take (run uncompiled)."""
     for i, (p, g) in enumerate(zip(ps, gs)):
         state = {name: tensors[i] for name, tensors in states.items()}
-        c = dict(zip(coef_names, rows[i].unbind(0)))
+        c = coefficients[i]
         if centralized:
             g = centralize(g.to(compute_dtype))
         if amp is None:
@@ -144,7 +143,8 @@ def _compile(
     def kernel(
         ps: list[Tensor], gs: list[Tensor], states: dict[str, list[Tensor]], coefs: Tensor, amp: Tensor | None
     ) -> None:
-        update_bucket(update, flags, coef_names, maximize, compute_dtype, ps, gs, states, coefs, amp, centralized)
+        rows = [dict(zip(coef_names, row.unbind(0))) for row in coefs.unbind(0)]
+        update_bucket(update, flags, maximize, compute_dtype, ps, gs, states, rows, amp, centralized)
 
     # Dynamo keeps its compiled graphs (and its recompile limit) per code object. A fresh code object per
     # kernel keeps the variants of many optimizers from sharing one cache and hitting that limit.

@@ -89,9 +89,6 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
     """
 
     _sparse_update: Callable[..., None] | None = None
-    #: GradScaler passes its scale and found_inf to ``step`` (as ``self.grad_scale`` / ``self.found_inf``)
-    #: instead of unscaling the gradients and reading found_inf itself: see ``step``.
-    _step_supports_amp_scaling = True
     #: False: the compiled kernel runs where torch has a native fused kernel for the algorithm (tests compare
     #: it against torch that way; ``stochopt speed`` times both). A class attribute, so ``stochopt.AdamW.
     #: use_native_fused = False`` switches one optimizer.
@@ -114,6 +111,14 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
         defaults = {**ENGINE_DEFAULTS, **defaults}
         self.skipped_steps = 0
         super().__init__(checks.checked_params(params), defaults)
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """True when every group runs a kernel (fused or capturable): GradScaler then hands its scale and
+        found_inf to ``step`` (as ``self.grad_scale`` / ``self.found_inf``) instead of unscaling the gradients
+        and reading found_inf itself, as it does for torch's fused optimizers (see ``step``). The eager paths
+        keep GradScaler's own flow, in which ``scaler.unscale_`` before gradient clipping works."""
+        return all(group["fused"] or group["capturable"] for group in self.param_groups)
 
     # ----- what subclasses declare -------------------------------------------------------------
     @abstractmethod
@@ -363,6 +368,9 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
                 step = _step_vector(states, ps, fresh, counted)
             else:
                 step += 1
+            in_kernel_amp = amp if native or compiled else None
+            advanced = [spec.name for spec in layout if spec.shape == "scalar" and spec.name != "step"]
+            before = [{n: s[n].clone() for n in advanced} for s in states] if in_kernel_amp and advanced else []
             with scalars.tensor_mode() if tensor_mode else nullcontext():
                 self._advance(group, step, states)
                 c = self._coefficients(group, step, states)
@@ -370,7 +378,6 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
             centralized = group["centralize_gradients"] and matrix and not sparse
             if centralized and not compiled:  # the compiled kernel centralizes g itself
                 gs = [centralize(g.to(compute_dtype)) for g in gs]
-            in_kernel_amp = amp if native or compiled else None
             eager = partial(self._run_eager, group, flags, names, compute_dtype, c)
             if sparse:
                 for i, (p, g, s) in enumerate(zip(ps, gs, states)):
@@ -393,8 +400,13 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
                         eager(*_pick((ps, gs, states), subset), multi_tensor=multi)
             else:
                 eager(ps, gs, states, multi_tensor=False)
-            if counted and in_kernel_amp is not None:  # a step skipped for found_inf is not counted
-                torch._foreach_sub_([s["step"] for s in states], in_kernel_amp[1].to(states[0]["step"].device))
+            if in_kernel_amp is not None:  # a step skipped for found_inf is not counted, nor its scalar state moved
+                found = in_kernel_amp[1]
+                if counted:
+                    torch._foreach_sub_([s["step"] for s in states], found.to(states[0]["step"].device))
+                for s, old in zip(states, before):
+                    for n, value in old.items():
+                        s[n].copy_(torch.where(found.to(value.device) > 0, value, s[n]))
 
     def _run_eager(
         self,
@@ -453,13 +465,15 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
         subtraction and temporary)."""
         coef_names = tuple(c)
         device = ps[0].device
-        coefs = _coefficient_rows(c, coef_names, len(ps), device, coefficient_dtype(compute_dtype))
-        amp_tensor = None if amp is None else torch.stack([amp[0].reciprocal(), amp[1]]).to(device, coefs.dtype)
+        amp_tensor = None
+        if amp is not None:
+            amp_tensor = torch.stack([amp[0].reciprocal(), amp[1]]).to(device, coefficient_dtype(compute_dtype))
         by_name = {n: [s[n] for s in states] for n in names}
+        run_here = partial(update_bucket, type(self)._update, flags, group["maximize"], compute_dtype)
         if torch.compiler.is_compiling():
-            update_bucket(type(self)._update, flags, coef_names, group["maximize"], compute_dtype,
-                          ps, gs, by_name, coefs, amp_tensor, centralized)  # fmt: skip
+            run_here(ps, gs, by_name, [_row(c, i) for i in range(len(ps))], amp_tensor, centralized)
             return
+        coefs = _coefficient_rows(c, coef_names, len(ps), device, coefficient_dtype(compute_dtype))
         kernel = fused_kernel(
             type(self)._update, flags, coef_names, group["maximize"], self._compile_options, self._staged, centralized,
             compute_dtype=compute_dtype, amp=amp is not None,
@@ -486,10 +500,10 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
             if len(chunk) < width:
                 rows = torch.cat([rows, rows[:1].expand(width - len(chunk), -1)])
             kernel(args[0], args[1], dict(zip(names, args[2:])), rows, amp_tensor)
-        if alone:
+        if alone:  # with the coefficients as the eager paths take them (numbers, in number mode)
             sub = _pick((ps, gs, *by_name.values()), alone)
-            update_bucket(type(self)._update, flags, coef_names, group["maximize"], compute_dtype, sub[0], sub[1],
-                          dict(zip(names, sub[2:])), coefs[alone], amp_tensor, centralized)  # fmt: skip
+            rows = [_row(c, i) for i in alone]
+            run_here(sub[0], sub[1], dict(zip(names, sub[2:])), rows, amp_tensor, centralized)
 
 
 def _pick(lists: tuple[list, ...], indices: list[int]) -> list[list]:

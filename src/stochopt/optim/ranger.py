@@ -78,9 +78,8 @@ class Ranger(RAdam):
 
     def _coefficients(self, group: dict[str, Any], step: Any, states: list) -> dict[str, Any]:
         c = {**super()._coefficients(group, step, states), "lookahead_alpha": scalar(group["alpha"])}
-        if isinstance(step, torch.Tensor):
-            due = torch.remainder(step, group["k"]) == 0
-            c.update(sync_alpha=where(due, c["lookahead_alpha"], 0.0), sync_weight=where(due, 1.0, 0.0))
+        due = step % group["k"] == 0  # the masked form's weights (tensor mode; numbers, unused, in number mode)
+        c.update(sync_alpha=where(due, c["lookahead_alpha"], 0.0), sync_weight=where(due, 1.0, 0.0))
         return c
 
     @staticmethod
