@@ -12,8 +12,11 @@ float32 (``coefficient_dtype``) whatever the compute dtype: in bfloat16, beta2 =
 device, so the compile cost is paid once per optimizer, dtype and device (C++/OpenMP on the CPU, Triton on CUDA).
 
 Why a fixed width rather than one graph over the whole list: a graph over N tensors is specialized to N and
-compiles N loops (measured on this 2-core CPU: 83 s for 50 tensors, against 5 s for 8 with a warm cache); one
-launch per tensor costs ~30 microseconds of dispatch (dynamo's guards and inductor's wrapper) per tensor.
+compiles N loops (measured on this 2-core CPU: 83 s for 50 tensors). Why 4: NAdam's first fused step on the
+30M-parameter model-like set (50 tensors), each on an empty inductor cache, took 14.6 / 19.0 / 25.6 s at
+widths 1 / 4 / 8 and its step 32.0 / 24.5 / 24.6 ms: one launch per tensor costs ~30 microseconds of
+dispatch (dynamo's guards and inductor's wrapper) and its own OpenMP region, and a width beyond 4 only adds
+compile time. (A trivial kernel's first call on an empty cache takes 15 s here: inductor's C++ prelude.)
 
 An update function may mark ``stage_boundary()`` points: the fused path then compiles one kernel per stage and
 the tensors that cross a boundary are written to memory once. Why: inductor inlines cheap pointwise producers
@@ -41,7 +44,7 @@ from stochopt.engine.update import apply_update, centralize
 _KERNELS: dict[tuple[Any, ...], Callable[..., None]] = {}
 
 #: Tensors per launch of a flattened kernel (see the module docstring).
-BUCKET_WIDTH = 8
+BUCKET_WIDTH = 4
 
 
 #: inductor options for elementwise kernels. dynamic_threads: otherwise the C++ kernel's OpenMP decision is fixed

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from stochopt.engine import checks, scalars
-from stochopt.engine.fused import BUCKET_WIDTH, coefficient_dtype, fused_kernel, update_bucket
+from stochopt.engine import checks, fused, scalars
+from stochopt.engine.fused import coefficient_dtype, fused_kernel, update_bucket
 from stochopt.engine.layout import (
     STEP,
     StateSpec,
@@ -484,7 +484,7 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
         # would add shape guards. One tensor per launch where shapes are kept (``_flatten = False``) or the
         # update is staged. Tensors of fewer than two elements (dynamo specializes sizes 0 and 1) and strided
         # ones (no flat view without a copy) run the same code uncompiled.
-        width = BUCKET_WIDTH if self._flatten and not self._staged else 1
+        width = fused.BUCKET_WIDTH if self._flatten and not self._staged else 1
         launch, alone = [], []
         for i, p in enumerate(ps):
             tensors = [p, gs[i], *(by_name[n][i] for n in names)]
