@@ -12,9 +12,9 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 import stochopt
+from stochopt.engine import fused
 from stochopt.engine import optimizer as engine
-from stochopt.engine.fused import BUCKET_WIDTH
-from tests.conftest import set_grads
+from tests.conftest import SHIPPED_BUCKET_WIDTH, set_grads
 from tests.test_contract import CONTRACT_HP, NAMES, make
 
 CAPTURABLE = [n for n in NAMES if stochopt.optimizer_entry(n).cls._capturable]
@@ -54,7 +54,8 @@ def _train(name: str, backend: str | None, steps: int = 50, **extra) -> tuple[li
 
 
 @pytest.fixture(autouse=True)
-def fresh_dynamo():
+def fresh_dynamo(monkeypatch):
+    monkeypatch.setattr(fused, "BUCKET_WIDTH", SHIPPED_BUCKET_WIDTH)
     torch._dynamo.reset()
     counters.clear()
     yield
@@ -134,7 +135,7 @@ def test_one_launch_per_bucket_and_one_graph_for_any_number_of_tensors(monkeypat
     opt.step()
     # two buckets (matrices and vectors: gradient centralization, an engine option, applies to matrices only),
     # of 10 tensors each: two launches each, the last padded
-    assert launches == [BUCKET_WIDTH] * 2 * math.ceil(10 / BUCKET_WIDTH)
+    assert launches == [SHIPPED_BUCKET_WIDTH] * 2 * math.ceil(10 / SHIPPED_BUCKET_WIDTH)
     graphs = counters["stats"]["unique_graphs"]
     more = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in [(3, 7), (101,), (9, 9)]]
     opt.add_param_group({"params": more})
@@ -144,6 +145,27 @@ def test_one_launch_per_bucket_and_one_graph_for_any_number_of_tensors(monkeypat
         opt.step()
         sched.step()
     assert counters["stats"]["unique_graphs"] == graphs  # new tensors, new sizes, new lr: no new graph
+
+
+@pytest.mark.parametrize("name", ["nadam", "radam", "adagrad"])
+def test_one_launch_holds_tensors_at_different_steps(name: str) -> None:
+    """capturable: parameters of one group whose gradients start later (fewer steps) share launches with the
+    others, each with its own coefficient row; equal to the loop (where they are separate buckets)."""
+    shapes = [(6, 5), (9,), (4, 4), (3, 7), (8,)]
+    params = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in shapes]
+    reference = [p.detach().clone().requires_grad_() for p in params]
+    opt, ref = make(name, params, capturable=True), make(name, reference, foreach=False)
+    for t in range(30):
+        for ps in (params, reference):
+            set_grads(ps, t)
+            if t < 10:  # the last two have no gradient yet: no state, no step
+                ps[3].grad = ps[4].grad = None
+        opt.step()
+        ref.step()
+    for p, q in zip(params, reference):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+    if "step" in opt.state[params[0]]:
+        assert float(opt.state[params[0]]["step"]) == 30 and float(opt.state[params[3]]["step"]) == 20
 
 
 @pytest.mark.parametrize("name", ["adamw", "nadam", "sgd"])
