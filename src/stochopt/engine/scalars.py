@@ -72,21 +72,19 @@ def where(condition: Any, a: Any, b: Any) -> Any:
 def minimum(a: Any, b: Any) -> Any:
     """``min(a, b)`` on numbers, elementwise on tensors; a Python number beside a tensor takes the tensor's
     dtype, as in any arithmetic (``torch.as_tensor`` would round it to the default dtype first)."""
-    if isinstance(a, Tensor) and isinstance(b, Tensor):
-        return torch.minimum(a, b)
-    if isinstance(a, Tensor):
-        return a.clamp(max=b)
-    if isinstance(b, Tensor):
-        return b.clamp(max=a)
-    return min(a, b)
+    return _extreme(a, b, smaller=True)
 
 
 def maximum(a: Any, b: Any) -> Any:
     """``max(a, b)`` on numbers, elementwise on tensors (see ``minimum``)."""
+    return _extreme(a, b, smaller=False)
+
+
+def _extreme(a: Any, b: Any, smaller: bool) -> Any:
     if isinstance(a, Tensor) and isinstance(b, Tensor):
-        return torch.maximum(a, b)
-    if isinstance(a, Tensor):
-        return a.clamp(min=b)
+        return torch.minimum(a, b) if smaller else torch.maximum(a, b)
     if isinstance(b, Tensor):
-        return b.clamp(min=a)
-    return max(a, b)
+        a, b = b, a
+    if isinstance(a, Tensor):  # b a number
+        return a.clamp(max=b) if smaller else a.clamp(min=b)
+    return min(a, b) if smaller else max(a, b)
