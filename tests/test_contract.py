@@ -568,9 +568,11 @@ def test_bfloat16_params_in_every_path(path: str) -> None:
     opt, ref_opt = stochopt.Adam(low, lr=1e-2, **PATHS[path]), stochopt.Adam(ref, lr=1e-2, foreach=False)
     _run_rounded(opt, ref_opt, low, ref, torch.bfloat16, 10)
     for p, q in zip(low, ref):
-        torch.testing.assert_close(p.float(), q, rtol=0, atol=0) if path != "fused" else torch.testing.assert_close(
-            p.float(), q, rtol=2**-8, atol=1e-6
-        )
+        # capturable runs the fused path's compiled kernel: its float32 arithmetic, ordered its own way, may land
+        # one bfloat16 ulp away (tests/optim/test_state_dtype.py bounds that)
+        compiled = path in ("fused", "capturable")
+        tolerance = {"rtol": 2**-8, "atol": 1e-6} if compiled else {"rtol": 0, "atol": 0}
+        torch.testing.assert_close(p.float(), q, **tolerance)
 
 
 def test_bfloat16_resume_keeps_float32_state() -> None:
