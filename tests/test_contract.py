@@ -46,6 +46,13 @@ CONTRACT_HP = {
     ),
     "muon": dict(lr=0.02, weight_decay=0.01, momentum=0.9),
     "adafisher": dict(lr=0.01, weight_decay=0.01),
+    "ademamix": dict(lr=0.01, betas=(0.9, 0.99, 0.999), alpha=3.0, beta3_warmup=20, alpha_warmup=20, weight_decay=0.1),
+    "adopt": dict(lr=0.01, weight_decay=0.01, decouple=True),
+    "mars": dict(lr=0.01, weight_decay=0.1, gamma=0.05, lr_1d=0.02, weight_decay_1d=0.05),
+    "adamw_schedulefree": dict(lr=0.01, betas=(0.9, 0.99), weight_decay=0.05, warmup_steps=5, weight_lr_power=2.0),
+    "sgd_schedulefree": dict(lr=0.05, momentum=0.9, weight_decay=0.01, warmup_steps=5, r=0.5),
+    "soap": dict(lr=0.01, weight_decay=0.01, precondition_frequency=3, max_precond_dim=280),  # 300 x 256: R only
+    "prodigy": dict(lr=1.0, weight_decay=0.01, use_bias_correction=True, growth_rate=1.5, d0=1e-4),
 }
 # Hyperparameters for which a negative value is valid (Adafactor's decay exponent of beta2).
 NEGATIVE_OK = {"beta2_decay"}
@@ -176,9 +183,10 @@ def test_bad_hyperparameters_are_rejected_by_name(name: str) -> None:
         if hp not in NEGATIVE_OK:
             with pytest.raises(ValueError, match=hp):
                 make(name, params, **{hp: -1.0})
-    if "betas" in inspect.signature(stochopt.optimizer_entry(name).cls.__init__).parameters:
+    betas = inspect.signature(stochopt.optimizer_entry(name).cls.__init__).parameters.get("betas")
+    if betas is not None:  # a pair, or AdEMAMix's triple
         with pytest.raises(ValueError, match=r"betas\[1\]"):
-            make(name, params, betas=(0.9, 1.5))
+            make(name, params, betas=(0.9, 1.5, *betas.default[2:]))
     with pytest.raises(ValueError, match="nonfinite"):
         make(name, params, nonfinite="ignore")
     with pytest.raises(ValueError, match="exclusive"):

@@ -2,8 +2,11 @@
 
 from stochopt.engine import EngineOptimizer, NonFiniteGradientError
 from stochopt.optim import (
+    ADOPT,
+    MARS,
     QHM,
     SGD,
+    SOAP,
     AdaBound,
     Adadelta,
     Adafactor,
@@ -11,6 +14,8 @@ from stochopt.optim import (
     Adagrad,
     Adam,
     AdamW,
+    AdamWScheduleFree,
+    AdEMAMix,
     Lamb,
     Lars,
     LazyAdam,
@@ -19,13 +24,16 @@ from stochopt.optim import (
     Muon,
     NAdam,
     Newton,
+    Prodigy,
     QHAdam,
     RAdam,
     Ranger,
     RMSprop,
+    SGDScheduleFree,
     Shampoo,
     gradient_centralization,
     muon_param_groups,
+    update_bn_at_x,
 )
 from stochopt.registry import create_optimizer, list_optimizers, optimizer_entry, register
 from stochopt.training import EMA, SWA
@@ -38,4 +46,8 @@ __all__ = [
     "SWA", "EMA", "EngineOptimizer", "NonFiniteGradientError", "create_optimizer", "list_optimizers",
     "optimizer_entry", "register", "__version__",
     "Shampoo", "Muon", "AdaFisher", "muon_param_groups", "Newton",
+    "AdEMAMix", "ADOPT", "MARS",
+    "AdamWScheduleFree", "SGDScheduleFree", "update_bn_at_x",
+    "SOAP",
+    "Prodigy",
 ]  # fmt: skip

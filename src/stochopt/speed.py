@@ -41,6 +41,9 @@ SPEED_CONFIGS: dict[str, dict[str, Any]] = {
     "lars": {"lr": 1e-1, "momentum": 0.9, "weight_decay": 1e-4},
     "adafactor": {"lr": 1e-2},
     "ranger": {"lr": 1e-3},
+    "ademamix": {"lr": 1e-3},
+    "adopt": {"lr": 1e-3},
+    "mars": {"lr": 3e-3},
 }
 TORCH_CLASSES = {
     "sgd": "SGD", "adagrad": "Adagrad", "rmsprop": "RMSprop", "adadelta": "Adadelta", "adam": "Adam",
@@ -50,6 +53,7 @@ TORCH_FUSED = {"sgd", "adagrad", "adam", "adamw"}
 PYTORCH_OPTIMIZER_CLASSES = {
     "qhm": "QHM", "qhadam": "QHAdam", "adabound": "AdaBound", "lion": "Lion", "radam": "RAdam", "nadam": "NAdam",
     "adamw": "AdamW", "lamb": "Lamb", "lars": "LARS", "adafactor": "AdaFactor", "ranger": "Ranger",
+    "ademamix": "AdEMAMix", "adopt": "ADOPT", "mars": "MARS",
 }  # fmt: skip
 # pytorch_optimizer's AdaFactor keeps a first moment (beta1 = 0.9, in bfloat16) unless told not to; the paper's
 # Adafactor, torch's and ours have none by default, so the same algorithm needs betas=(None, beta2). (Its beta2

@@ -45,6 +45,17 @@ def test_runner_keys_are_not_passed_and_beta1_alone_keeps_the_default_beta2():
     assert kwargs == {"lr": 1e-3, "betas": (0.8, 0.99)}
 
 
+def test_beta3_joins_betas_and_steps_fractions_scale_with_the_budget():
+    from stochopt import AdEMAMix
+
+    point = {"one_minus_beta3": 0.01, "alpha_warmup_steps_fraction": 0.5, "beta3_warmup_steps_fraction": 1e-9}
+    kwargs = optimizer_kwargs(AdEMAMix, point, {}, max_steps=300)
+    assert kwargs == {"betas": (0.9, 0.999, 0.99), "alpha_warmup": 150, "beta3_warmup": 1}
+    bad = "description = 'x'\noptimizer = 'ademamix'\n[defaults]\nalpha_warmup_steps_fraction = 0.0\n"
+    with pytest.raises(ValueError, match="alpha_warmup_steps_fraction must be > 0"):
+        parse_space(bad, "x", "inline")
+
+
 def test_optimizers_by_registered_name_dotted_path_and_colon_path():
     assert resolve_optimizer("lion") is Lion
     assert resolve_optimizer("torch.optim.AdamW") is torch.optim.AdamW

@@ -1,5 +1,5 @@
 """Matrix optimizers on torch.distributed, 2 gloo processes: Muon's distributed form (round-robin ownership,
-all-gather) equals single-process Muon; Muon and Shampoo under DDP equal full-batch single-process training."""
+all-gather) equals single-process Muon; Muon, Shampoo and SOAP under DDP equal full-batch single-process training."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ OPTIMIZERS = {
     "muon": lambda m: stochopt.Muon(stochopt.muon_param_groups(m, adamw_lr=1e-2), lr=0.02, ns_dtype=torch.float64),
     "shampoo": lambda m: stochopt.Shampoo(m.parameters(), lr=0.05, precondition_frequency=2,
                                           max_preconditioner_dim=8),
+    "soap": lambda m: stochopt.SOAP(m.parameters(), lr=0.01, precondition_frequency=2),
 }  # fmt: skip
 
 

@@ -18,8 +18,10 @@ A search-space file (TOML, or JSON with the same keys) describes one algorithm::
 
 Hyperparameter names are the optimizer's keyword arguments, with three conveniences: ``one_minus_X`` is tuned on
 its own (log) scale and passed as ``X = 1 - value``; ``beta1``/``beta2`` become ``betas=(beta1, beta2)`` when the
-optimizer takes ``betas``; and the runner's own knobs ``warmup_fraction``, ``batch_size`` and ``clip_norm``
-(gradient-norm clipping, ``torch.nn.utils.clip_grad_norm_``) are not passed to the optimizer.
+optimizer takes ``betas`` (and ``beta3`` a third member, AdEMAMix's); ``X_steps_fraction`` is a step count
+relative to the trial's step budget, passed as ``X = max(1, round(value * max_steps))`` (AdEMAMix's warm-ups,
+which its paper sets to the length of training); and the runner's own knobs ``warmup_fraction``, ``batch_size``
+and ``clip_norm`` (gradient-norm clipping, ``torch.nn.utils.clip_grad_norm_``) are not passed to the optimizer.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ try:  # Python >= 3.11
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
+#: the suffix of a step count given as a fraction of the trial's step budget
+STEPS_FRACTION = "_steps_fraction"
 #: hyperparameters the runner consumes itself rather than passing to the optimizer
 RUNNER_KEYS = ("warmup_fraction", "batch_size", "clip_norm")
 DECAYS = ("cosine", "linear", "sqrt", "constant")
@@ -101,30 +105,36 @@ def resolve_optimizer(spec: str) -> type[Optimizer]:
     return obj
 
 
-def optimizer_kwargs(cls: type[Optimizer], point: dict[str, Any], fixed: dict[str, Any]) -> dict[str, Any]:
-    """The keyword arguments for ``cls``: ``one_minus_X`` -> ``X``, ``beta1/beta2`` -> ``betas``, runner keys out."""
+def optimizer_kwargs(
+    cls: type[Optimizer], point: dict[str, Any], fixed: dict[str, Any], max_steps: int = 1000
+) -> dict[str, Any]:
+    """The keyword arguments for ``cls``: ``one_minus_X`` -> ``X``, ``beta1/beta2/beta3`` -> ``betas``,
+    ``X_steps_fraction`` -> ``X`` steps of ``max_steps``, runner keys out."""
     kwargs: dict[str, Any] = dict(fixed)
     for key, value in point.items():
         if key in RUNNER_KEYS:
             continue
         if key.startswith("one_minus_"):
             kwargs[key.removeprefix("one_minus_")] = 1.0 - value
+        elif key.endswith(STEPS_FRACTION):
+            kwargs[key.removesuffix(STEPS_FRACTION)] = max(1, round(value * max_steps))
         else:
             kwargs[key] = value
     signature = inspect.signature(cls).parameters
-    if "betas" in signature and ("beta1" in kwargs or "beta2" in kwargs):
+    members = [f"beta{i}" for i in (1, 2, 3)]
+    if "betas" in signature and any(m in kwargs for m in members):
         default = signature["betas"].default
         default = default if isinstance(default, tuple) else (0.9, 0.999)
-        kwargs["betas"] = (kwargs.pop("beta1", default[0]), kwargs.pop("beta2", default[1]))
+        kwargs["betas"] = tuple(kwargs.pop(m, d) for m, d in zip(members, default))
     return kwargs
 
 
-def build_optimizer(algorithm: Algorithm, model: nn.Module, point: dict[str, Any]) -> Optimizer:
+def build_optimizer(algorithm: Algorithm, model: nn.Module, point: dict[str, Any], max_steps: int = 1000) -> Optimizer:
     """The algorithm's optimizer over ``model``; biases, norm weights and embeddings get no weight decay when the
     optimizer has one (:func:`stochopt.training.param_groups`), or the class's own groups (Muon), exactly as the
-    registry's ``create_optimizer`` builds them."""
+    registry's ``create_optimizer`` builds them; ``max_steps``: the trial's step budget."""
     cls = resolve_optimizer(algorithm.optimizer)
-    kwargs = optimizer_kwargs(cls, point, algorithm.fixed)
+    kwargs = optimizer_kwargs(cls, point, algorithm.fixed, max_steps)
     from stochopt.registry import params_for_module  # local, like resolve_optimizer's registry import
 
     params = params_for_module(cls, model)
@@ -255,9 +265,16 @@ def _value_problem(algorithm: Algorithm) -> str | None:
     """The first bad value among the defaults and the ranges that the optimizer cannot judge itself: numbers where
     the runner computes with them (searched keys, ``one_minus_*``, the runner's knobs) and the runner's ranges."""
     for key, value in algorithm.defaults.items():
-        if key in algorithm.search or key in RUNNER_KEYS or key.startswith("one_minus_"):
+        if (
+            key in algorithm.search
+            or key in RUNNER_KEYS
+            or key.startswith("one_minus_")
+            or key.endswith(STEPS_FRACTION)
+        ):
             if not _is_number(value):
                 return f"[defaults] {key} must be a number, got {value!r}"
+            if key.endswith(STEPS_FRACTION) and not value > 0:
+                return f"[defaults] {key} must be > 0 (a fraction of the step budget), got {value!r}"
             if key in algorithm.search and algorithm.search[key].integer and not float(value).is_integer():
                 return f"[defaults] {key} must be an integer (its [search] range is integer), got {value!r}"
             if key in RUNNER_KEYS and (problem := _runner_problem(key, value)):

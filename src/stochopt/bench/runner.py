@@ -121,7 +121,7 @@ def run_trial(
         torch.manual_seed(seed)
         model = workload.init_model(seed, sparse=algorithm.sparse_gradients)
         start = time.perf_counter()  # the algorithm's own set-up is part of its time
-        optimizer = build_optimizer(algorithm, model, point)
+        optimizer = build_optimizer(algorithm, model, point, max_steps)
         modes = _mode_switches(optimizer)
         if modes is not None:
             modes[0]()  # train mode before the first step

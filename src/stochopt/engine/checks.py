@@ -130,11 +130,13 @@ def count(name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
-def betas(value: Any, *, closed_right: bool = False) -> None:
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise TypeError(f"betas must be a pair (beta1, beta2), got {value!r}")
-    in_unit_interval("betas[0]", value[0], closed_right=closed_right)
-    in_unit_interval("betas[1]", value[1], closed_right=closed_right)
+def betas(value: Any, *, closed_right: bool = False, n: int = 2, name: str = "betas") -> None:
+    """A tuple of ``n`` EMA factors, each in [0, 1) (or [0, 1] with closed_right)."""
+    if not isinstance(value, (tuple, list)) or len(value) != n:
+        members = ", ".join(f"beta{i + 1}" for i in range(n))
+        raise TypeError(f"{name} must be a tuple ({members}), got {value!r}")
+    for i, beta in enumerate(value):
+        in_unit_interval(f"{name}[{i}]", beta, closed_right=closed_right)
 
 
 def flag(name: str, value: Any) -> None:

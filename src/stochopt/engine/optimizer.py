@@ -12,7 +12,8 @@ An optimizer subclass declares
   ``_compile_options`` and ``_staged``.
 
 The engine owns the books: param groups, lazy state, buckets of tensors that share device, dtype and step,
-``maximize``, gradient centralization (the group option ``centralize_gradients``), precision (the math in
+``maximize``, gradient centralization (the group option ``centralize_gradients``), cautious updates (the group
+option ``cautious``, for the optimizers that declare ``_cautious_supported``), precision (the math in
 ``promote_types(param dtype, state dtype)``, parameters and state of another dtype written back; see
 ``EngineOptimizer``), sparse gradients, the non-finite-gradient policy and the state_dict checks.
 """
@@ -64,6 +65,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "nonfinite": None,
     "state_dtype": None,
     "centralize_gradients": False,
+    "cautious": False,
     "capturable": False,
 }
 
@@ -106,6 +108,9 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
     _compile_options: dict[str, Any] | None = None
     #: ``_update`` calls ``engine.stage_boundary()``: the fused path compiles one kernel per stage
     _staged: bool = False
+    #: ``_update`` takes the static flag ``cautious`` (Liang et al., 2024: the group option ``cautious``, set by the
+    #: constructor's ``cautious=True``) and masks its update direction with ``optim.common.cautious_direction``
+    _cautious_supported: bool = False
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         defaults = {**ENGINE_DEFAULTS, **defaults}
@@ -256,6 +261,12 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
         if group["nonfinite"] not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {group['nonfinite']!r}")
         checks.flag("centralize_gradients", group["centralize_gradients"])
+        checks.flag("cautious", group["cautious"])
+        if group["cautious"] and not self._cautious_supported:
+            raise ValueError(
+                f"{type(self).__name__} does not support cautious=True: it masks a momentum direction by the "
+                "gradient's sign, and this optimizer's update has none the engine can mask"
+            )
         checks.flag("capturable", group["capturable"])
         if group["capturable"]:
             name = type(self).__name__
@@ -357,7 +368,7 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
             compute_dtype = compute_dtype_for(ps[0], group["state_dtype"])
             state_dtype = state_dtype_for(ps[0], group["state_dtype"])
             # torch's kernels count steps themselves; without a counter (SGD) they are told the first step
-            native = group["fused"] and (counted or not tensor_mode)
+            native = group["fused"] and (counted or not tensor_mode) and not group["cautious"]
             native = native and self._native_fits(device, dtype, state_dtype, states, tensor_mode)
             compiled = not sparse and not native and (bool(group["fused"]) or tensor_mode)
             if amp is not None and not (native or compiled) and not _host_unscale(gs, amp):
@@ -375,6 +386,8 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
                 self._advance(group, step, states)
                 c = self._coefficients(group, step, states)
             flags = self._flags(group, step, matrix)
+            if self._cautious_supported:
+                flags = {**flags, "cautious": bool(group["cautious"])}
             centralized = group["centralize_gradients"] and matrix and not sparse
             if centralized and not compiled:  # the compiled kernel centralizes g itself
                 gs = [centralize(g.to(compute_dtype)) for g in gs]

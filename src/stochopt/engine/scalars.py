@@ -11,7 +11,7 @@ scalars its update needs (bias corrections, step sizes). The engine evaluates it
   by the host, so the step can be captured in a CUDA graph and traced without a graph break.
 
 So a coefficient function must not call ``math.*``, ``float()`` or ``.item()`` on step-derived values, nor branch
-on them: it uses the functions here (``sqrt``, ``where``, ``minimum``, ``maximum``) and ``scalar`` for
+on them: it uses the functions here (``sqrt``, ``log``, ``where``, ``minimum``, ``maximum``) and ``scalar`` for
 hyperparameters, each of which does the right thing in either mode.
 """
 
@@ -55,6 +55,10 @@ def scalar(value: Any) -> Any:
 
 def sqrt(x: Any) -> Any:
     return x.sqrt() if isinstance(x, Tensor) else math.sqrt(x)
+
+
+def log(x: Any) -> Any:
+    return x.log() if isinstance(x, Tensor) else math.log(x)
 
 
 def where(condition: Any, a: Any, b: Any) -> Any:

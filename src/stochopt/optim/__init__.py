@@ -11,16 +11,22 @@ from stochopt.optim.adafisher import AdaFisher
 from stochopt.optim.adam import Adam, AdamW, QHAdam
 from stochopt.optim.adam_variants import AdaBound, NAdam, RAdam
 from stochopt.optim.adaptive import Adadelta, Adagrad, RMSprop
+from stochopt.optim.ademamix import AdEMAMix
+from stochopt.optim.adopt import ADOPT
 from stochopt.optim.centralization import gradient_centralization
 from stochopt.optim.layerwise import Lamb, Lars
 from stochopt.optim.lazyadam import LazyAdam
 from stochopt.optim.lion import Lion
 from stochopt.optim.lookahead import Lookahead
+from stochopt.optim.mars import MARS
 from stochopt.optim.muon import Muon, muon_param_groups, newton_schulz
 from stochopt.optim.newton import BaselineRun, Newton, lbfgs, newton
+from stochopt.optim.prodigy import Prodigy
 from stochopt.optim.ranger import Ranger
+from stochopt.optim.schedulefree import AdamWScheduleFree, SGDScheduleFree, update_bn_at_x
 from stochopt.optim.sgd import QHM, SGD
 from stochopt.optim.shampoo import Shampoo
+from stochopt.optim.soap import SOAP
 
 __all__ = [
     "SGD", "QHM", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "QHAdam", "NAdam", "RAdam", "AdaBound",
@@ -28,4 +34,8 @@ __all__ = [
     "gradient_centralization",
     "Shampoo", "Muon", "AdaFisher", "muon_param_groups", "newton_schulz", "newton", "lbfgs", "BaselineRun",
     "Newton",
+    "AdEMAMix", "ADOPT", "MARS",
+    "AdamWScheduleFree", "SGDScheduleFree", "update_bn_at_x",
+    "SOAP",
+    "Prodigy",
 ]  # fmt: skip

@@ -9,6 +9,7 @@ import torch
 from stochopt.engine import STEP, EngineOptimizer, StateSpec, checks, scalar
 from stochopt.optim.common import (
     adam_coefficients,
+    cautious_direction,
     check_adam_group,
     ema_,
     ema_square_,
@@ -31,7 +32,11 @@ class Adam(EngineOptimizer):
     Weight decay is L2 (:math:`g_t \leftarrow g_t + \lambda\theta_{t-1}`), or decoupled
     (:math:`\theta \leftarrow (1-\eta\lambda)\theta`, Loshchilov & Hutter, 2019) with
     ``decoupled_weight_decay=True``. Arguments, defaults and state names follow ``torch.optim.Adam``.
+    ``cautious=True`` masks :math:`m_t` where its sign disagrees with :math:`g_t`'s, rescaled by the fraction
+    kept (Liang et al., 2024; :func:`stochopt.optim.common.cautious_direction`).
     """
+
+    _cautious_supported = True
 
     def __init__(
         self,
@@ -47,12 +52,13 @@ class Adam(EngineOptimizer):
         fused: bool | None = None,
         capturable: bool = False,
         decoupled_weight_decay: bool = False,
+        cautious: bool = False,
         nonfinite: str | None = None,
         state_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-            decoupled_weight_decay=decoupled_weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay, cautious=cautious,
             maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
             state_dtype=state_dtype,
         )  # fmt: skip
@@ -77,7 +83,9 @@ class Adam(EngineOptimizer):
         return adam_coefficients(group, step)
 
     @staticmethod
-    def _update(p: Any, g: Any, state: dict, c: dict, *, decay: bool, decoupled: bool, amsgrad: bool) -> None:
+    def _update(
+        p: Any, g: Any, state: dict, c: dict, *, decay: bool, decoupled: bool, amsgrad: bool, cautious: bool = False
+    ) -> None:
         g = weight_decay(p, g, c, decay=decay, decoupled=decoupled)
         m, v = state["exp_avg"], state["exp_avg_sq"]
         ema_(m, g, c["one_minus_beta1"])
@@ -85,7 +93,7 @@ class Adam(EngineOptimizer):
         if amsgrad:
             v = running_max_(state["max_exp_avg_sq"], v)
         denom = v.sqrt().div_(c["bc2_sqrt"]).add_(c["eps"])
-        p.addcdiv_(m, denom, value=c["neg_step_size"])
+        p.addcdiv_(cautious_direction(m, g, cautious), denom, value=c["neg_step_size"])
 
     def _native_fused(
         self, group: dict, ps: list, gs: list, states: list, flags: dict, step: Any, grad_scale: Any, found_inf: Any
@@ -120,6 +128,7 @@ class AdamW(Adam):
         weight_decay: float = 1e-2,
         amsgrad: bool = False,
         *,
+        cautious: bool = False,
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -129,7 +138,7 @@ class AdamW(Adam):
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize, fused=fused,
-            capturable=capturable,
+            capturable=capturable, cautious=cautious,
             decoupled_weight_decay=True, nonfinite=nonfinite, state_dtype=state_dtype,
         )  # fmt: skip
 

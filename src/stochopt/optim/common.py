@@ -132,3 +132,21 @@ def trust_ratio(numerator: Any, denominator: Any, max_ratio: Any = None, guard: 
 def norm(x: Any) -> Any:
     """The L2 norm of a tensor (0-d), or of each tensor of a TensorList."""
     return x.norm() if isinstance(x, TensorList) else torch.linalg.vector_norm(x)
+
+
+def cautious_direction(u: Any, g: Any, enabled: bool) -> Any:
+    r"""The cautious mask (Liang et al., 2024, "Cautious Optimizers: Improving Training with One Line of Code"):
+    ``u`` where it agrees in sign with the gradient, 0 elsewhere, rescaled per tensor by the fraction kept,
+
+    .. math:: \phi = \mathbb{1}[u \odot g > 0], \qquad u \leftarrow u \odot \phi \, \frac{d}{\|\phi\|_0 + 1}
+
+    (d the tensor's size; the +1 of the authors' code keeps a tensor with nothing kept finite). ``u`` is the
+    direction the optimizer adds with a negative step size (Adam's ``m``, Lion's sign, SGD's buffer), so
+    agreement in sign is a step that does not raise the loss to first order. Out of place; ``u`` when not
+    ``enabled``."""
+    if not enabled:
+        return u
+    if isinstance(u, TensorList):
+        return TensorList(cautious_direction(a, b, True) for a, b in zip(u.tensors, g.tensors))
+    kept = (u * g > 0).to(u.dtype)
+    return u * kept * (kept.numel() / (kept.sum() + 1))

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from stochopt.engine import STEP, EngineOptimizer, StateSpec, checks, scalar
-from stochopt.optim.common import decoupled_decay_, ema_
+from stochopt.optim.common import cautious_direction, decoupled_decay_, ema_
 
 
 class Lion(EngineOptimizer):
@@ -19,8 +19,11 @@ class Lion(EngineOptimizer):
         m_t &= \beta_2 m_{t-1} + (1-\beta_2) g_t
 
     One state tensor instead of Adam's two. The paper suggests an lr 3-10x smaller than AdamW's and a weight
-    decay 3-10x larger.
+    decay 3-10x larger. ``cautious=True`` masks :math:`u_t` where its sign disagrees with :math:`g_t`'s, rescaled
+    by the fraction kept (Liang et al., 2024; :func:`stochopt.optim.common.cautious_direction`).
     """
+
+    _cautious_supported = True
 
     def __init__(
         self,
@@ -29,6 +32,7 @@ class Lion(EngineOptimizer):
         betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
         *,
+        cautious: bool = False,
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -37,7 +41,7 @@ class Lion(EngineOptimizer):
         state_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = dict(
-            lr=lr, betas=betas, weight_decay=weight_decay,
+            lr=lr, betas=betas, weight_decay=weight_decay, cautious=cautious,
             maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
             state_dtype=state_dtype,
         )  # fmt: skip
@@ -65,9 +69,9 @@ class Lion(EngineOptimizer):
         }
 
     @staticmethod
-    def _update(p: Any, g: Any, state: dict, c: dict, *, decay: bool) -> None:
+    def _update(p: Any, g: Any, state: dict, c: dict, *, decay: bool, cautious: bool = False) -> None:
         if decay:
             decoupled_decay_(p, c["decay_factor"])
         m = state["exp_avg"]
-        p.add_(m.lerp(g, c["one_minus_beta1"]).sign_(), alpha=c["neg_lr"])
+        p.add_(cautious_direction(m.lerp(g, c["one_minus_beta1"]).sign_(), g, cautious), alpha=c["neg_lr"])
         ema_(m, g, c["one_minus_beta2"])

@@ -8,7 +8,7 @@ import torch
 
 from stochopt.engine import STEP, EngineOptimizer, StateSpec, checks, scalar
 from stochopt.engine.scalars import where
-from stochopt.optim.common import heavy_ball_, l2_penalty, nesterov_direction
+from stochopt.optim.common import cautious_direction, heavy_ball_, l2_penalty, nesterov_direction
 
 
 class SGD(EngineOptimizer):
@@ -26,7 +26,12 @@ class SGD(EngineOptimizer):
     Full-batch gradient descent is this class fed full batches. Semantics, argument names and defaults follow
     ``torch.optim.SGD`` (Robbins & Monro, 1951; Polyak, 1964; Sutskever et al., 2013, "On the importance of
     initialization and momentum in deep learning").
+
+    ``cautious=True`` (needs momentum): :math:`d_t` masked where its sign disagrees with :math:`g_t`'s, rescaled
+    by the fraction kept (:func:`stochopt.optim.common.cautious_direction`; Liang et al., 2024).
     """
+
+    _cautious_supported = True
 
     def __init__(
         self,
@@ -37,6 +42,7 @@ class SGD(EngineOptimizer):
         weight_decay: float = 0.0,
         nesterov: bool = False,
         *,
+        cautious: bool = False,
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -46,6 +52,7 @@ class SGD(EngineOptimizer):
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+            cautious=cautious,
             maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
             state_dtype=state_dtype,
         )  # fmt: skip
@@ -61,6 +68,10 @@ class SGD(EngineOptimizer):
             raise ValueError(
                 "nesterov=True needs momentum > 0 and dampening = 0, got "
                 f"momentum={group['momentum']!r}, dampening={group['dampening']!r}"
+            )
+        if group["cautious"] and group["momentum"] <= 0:
+            raise ValueError(
+                f"cautious=True masks the momentum direction: it needs momentum > 0, got {group['momentum']!r}"
             )
 
     def _layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
@@ -85,14 +96,17 @@ class SGD(EngineOptimizer):
         }
 
     @staticmethod
-    def _update(p: Any, g: Any, state: dict, c: dict, *, momentum: bool, nesterov: bool, decay: bool) -> None:
+    def _update(
+        p: Any, g: Any, state: dict, c: dict, *, momentum: bool, nesterov: bool, decay: bool, cautious: bool = False
+    ) -> None:
         if decay:
             g = l2_penalty(g, p, c["weight_decay"])
+        u = g
         if momentum:
             buf = state["momentum_buffer"]
             heavy_ball_(buf, g, c["momentum"], c["dampening_factor"])
-            g = nesterov_direction(g, buf, c["momentum"]) if nesterov else buf
-        p.add_(g, alpha=c["neg_lr"])
+            u = cautious_direction(nesterov_direction(g, buf, c["momentum"]) if nesterov else buf, g, cautious)
+        p.add_(u, alpha=c["neg_lr"])
 
     def _native_fused(
         self, group: dict, ps: list, gs: list, states: list, flags: dict, step: Any, grad_scale: Any, found_inf: Any
