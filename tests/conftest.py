@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
 import torch
+import torch._inductor.config
 
 import stochopt.engine.fused as _fused  # noqa: E402
 
 #: The compiled kernel takes BUCKET_WIDTH tensors per launch (4 shipped). The suite compiles some hundred kernel
-#: variants on a cold inductor cache, and a width of 2 compiles each faster (measured: tests/optim/
-#: test_references.py and test_ranger.py, cold cache, 2 min 38 s at 4, 2 min 3 s at 2) with the same code path
-#: (several tensors per launch, padding, one coefficient row each). tests/engine/test_compile.py runs the
-#: shipped width.
+#: variants on a cold inductor cache; at a width of 1 each compiles faster (measured: the fused cases of
+#: tests/optim/test_against_torch.py, cold cache, -n 2: 115 s at 2, 95 s at 1). An update function sees one tensor
+#: at a time whatever the width (fused.update_bucket calls it per tensor), so the width changes only the engine's
+#: batching (several tensors per launch, padding, one coefficient row each), which tests/engine/test_compile.py
+#: checks at the shipped width.
 SHIPPED_BUCKET_WIDTH = _fused.BUCKET_WIDTH
-_fused.BUCKET_WIDTH = 2
+_fused.BUCKET_WIDTH = 1
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # one thread per test worker: two workers with two OpenMP threads each on two cores spin against each other
+    # one thread per test worker: two workers with two OpenMP threads each on two cores spin against each other;
+    # and inductor compiles in the worker itself: a pool of compile processes per worker only adds processes
     torch.set_num_threads(1)
+    torch._inductor.config.compile_threads = 1
 
 # one tensor above the CPU default's size threshold (it then loops over the large ones), small ones below it, and
 # one of a single element (the compiled path runs it uncompiled: dynamo specializes sizes 0 and 1)
@@ -45,11 +50,17 @@ def clone_params(params: list[torch.Tensor]) -> list[torch.Tensor]:
     return [p.detach().clone().requires_grad_() for p in params]
 
 
-def set_grads(params: list[torch.Tensor], step: int, sparse_rows: bool = False) -> None:
-    """g = p * scale + noise_t: a noisy quadratic, so a wrong step changes every later gradient."""
+@functools.lru_cache(maxsize=512)  # at most ~0.6 GB of noise per worker
+def _noise(step: int, shapes: tuple[torch.Size, ...]) -> tuple[torch.Tensor, ...]:
+    """The noise of step ``step``, drawn once per worker: drawing it (float64 normals) was most of an eager
+    test's time, and the optimizer and its reference draw the same values for every step."""
     gen = torch.Generator().manual_seed(1000 + step)
-    for i, p in enumerate(params):
-        noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+    return tuple(torch.randn(shape, generator=gen, dtype=torch.float64) for shape in shapes)
+
+
+def set_grads(params: list[torch.Tensor], step: int) -> None:
+    """g = p * scale + noise_t: a noisy quadratic, so a wrong step changes every later gradient."""
+    for i, (p, noise) in enumerate(zip(params, _noise(step, tuple(p.shape for p in params)))):
         p.grad = (p.detach().double() * (0.5 + 0.1 * i) + noise).to(p.dtype)
 
 

@@ -577,9 +577,9 @@ def test_bfloat16_params_in_every_path(path: str) -> None:
     _run_rounded(opt, ref_opt, low, ref, torch.bfloat16, 10)
     for p, q in zip(low, ref):
         # capturable runs the fused path's compiled kernel: its float32 arithmetic, ordered its own way, may land
-        # one bfloat16 ulp away (tests/optim/test_state_dtype.py bounds that)
+        # one bfloat16 ulp away (tests/optim/test_state_dtype.py bounds that): up to 2^-7 of the value
         compiled = path in ("fused", "capturable")
-        tolerance = {"rtol": 2**-8, "atol": 1e-6} if compiled else {"rtol": 0, "atol": 0}
+        tolerance = {"rtol": 2**-7, "atol": 1e-6} if compiled else {"rtol": 0, "atol": 0}
         torch.testing.assert_close(p.float(), q, **tolerance)
 
 

@@ -18,7 +18,10 @@ from tests.conftest import clone_params, make_params, set_grads
 from tests.distributed.conftest import START
 
 # the registry's defaults, except where a larger step makes a wrong shard show
-HYPERPARAMETERS = {"adam": dict(lr=0.01, weight_decay=0.01), "lion": dict(lr=0.01), "sgd": dict(lr=0.05, momentum=0.9)}
+HYPERPARAMETERS = {
+    "adam": dict(lr=0.01, weight_decay=0.01), "lion": dict(lr=0.01), "sgd": dict(lr=0.05, momentum=0.9),
+    "prodigy": dict(fsdp_in_use=True),  # its step size d is a sum over every parameter: over the ranks under ZeRO
+}  # fmt: skip
 RESUMED = ["adam", "lamb", "ranger"]  # ranger: Lookahead's slow weights and its step counter resume too
 STEPS, SPLIT = 8, 3
 SHAPES = [(30, 20), (7, 5), (11,), (3, 4, 2), (1,)]  # small: ZeRO's partition, not the kernels, is under test

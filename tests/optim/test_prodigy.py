@@ -15,13 +15,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import stochopt
+from stochopt.engine import optimizer as engine
 from tests.conftest import PATHS, assert_same, clone_params, make_params, run, set_grads
 
 prodigyopt = pytest.importorskip("prodigyopt")
 
-# one tensor above the CPU default's size threshold (the default path loops over it), small ones, one of a single
-# element (the fused path runs it uncompiled)
-SHAPES = [(260, 256), (7, 5), (11,), (3, 4, 2), (1,)]
+# small tensors (large ones run OpenMP regions, which other processes on the cores slow down many times), one of a
+# single element (the fused path runs it uncompiled); the default path's runs lower its size threshold below the
+# first, so that it loops over that one and takes the others in one multi-tensor call, as it does on a model
+SHAPES = [(40, 32), (7, 5), (11,), (3, 4, 2), (1,)]
 STEPS = 200
 GROUP_ENTRIES = ("d", "d_max", "d_numerator", "d_denom", "d_hat", "k")
 
@@ -29,22 +31,22 @@ GROUP_ENTRIES = ("d", "d_max", "d_numerator", "d_denom", "d_hat", "k")
 # options at once, and the per-group ones differ between its groups
 CONFIGS = {
     # decoupled weight decay, bias correction, safeguard_warmup, beta3, d0, d_coef and a finite growth_rate;
-    # per group: weight decay on/off, eps, safeguard_warmup, slice_p
+    # per group: weight decay, eps, safeguard_warmup, slice_p (the groups share their flags: one fused kernel)
     "combined": (
         dict(betas=(0.9, 0.99), beta3=0.98, use_bias_correction=True, decouple=True, d0=1e-4, d_coef=0.8,
              growth_rate=1.05),
         [([0, 3], dict(weight_decay=0.1, safeguard_warmup=True)),
-         ([1, 2, 4], dict(weight_decay=0.0, eps=1e-6, slice_p=3))],
+         ([1, 2, 4], dict(weight_decay=0.02, eps=1e-6, slice_p=3))],
     ),
     # coupled (L2) weight decay of two strengths, beta1 = 0 (the step along d g), d_coef > 1, unlimited growth
     "coupled": (
         dict(betas=(0.0, 0.999), decouple=False, d_coef=2.0),
         [([0, 1], dict(weight_decay=0.05)), ([2, 3, 4], dict(weight_decay=0.2, safeguard_warmup=True))],
     ),
-    # the defaults, a group frozen with lr = 0 from the start, lr scheduled (cosine) for the others
+    # the defaults, a group without weight decay, a group frozen with lr = 0 from the start, lr scheduled (cosine)
     "scheduled": (
         dict(weight_decay=0.01),
-        [([0, 1, 2], {}), ([3, 4], dict(lr=0.0, weight_decay=0.0))],
+        [([0, 1], {}), ([2], dict(weight_decay=0.0)), ([3, 4], dict(lr=0.0, weight_decay=0.0))],
     ),
 }  # fmt: skip
 CASES = [(config, path) for config in CONFIGS for path in ("loop", "foreach", "default")] + [("combined", "fused")]
@@ -78,11 +80,15 @@ def assert_like_prodigyopt(opt, ref, params, ref_params, exact: bool) -> None:
             assert int(ours["step"]) == theirs["step"]
         for key in ("s", "p0", "exp_avg", "exp_avg_sq"):
             if key in theirs or key in ours:
-                assert_same([ours[key]], [theirs[key].expand_as(ours[key])], **tolerance)
+                expected = theirs[key].expand_as(ours[key])
+                # s is an EMA of terms of both signs: its error is relative to its terms, not to each entry
+                scale = {} if exact else {"atol": 1e-12 * expected.abs().max().item()}
+                assert_same([ours[key]], [expected], **{**tolerance, **scale})
 
 
 @pytest.mark.parametrize("config, path", CASES, ids=[f"{c}-{p}" for c, p in CASES])
-def test_equals_prodigyopt(config: str, path: str) -> None:
+def test_equals_prodigyopt(config: str, path: str, monkeypatch) -> None:
+    monkeypatch.setattr(engine, "SMALL_TENSOR_NUMEL", 1000)
     params = make_params(SHAPES)
     ref_params = clone_params(params)
     shared = CONFIGS[config][0]
@@ -90,11 +96,8 @@ def test_equals_prodigyopt(config: str, path: str) -> None:
     ref = prodigyopt.Prodigy(groups(ref_params, config), **shared)
     run(opt, params, STEPS, scheduler=schedule(opt, config))
     run(ref, ref_params, STEPS, scheduler=schedule(ref, config))
-    # bit for bit in the eager paths but where decoupled weight decay is on (p (1 - lr wd) is rounded once, the
-    # package's p - lr wd p twice); the compiled kernel orders its arithmetic its own way
-    decoupled = shared.get("decouple", True) and any(o.get("weight_decay", shared.get("weight_decay", 0)) > 0
-                                                     for _, o in CONFIGS[config][1])  # fmt: skip
-    assert_like_prodigyopt(opt, ref, params, ref_params, exact=path != "fused" and not decoupled)
+    # bit for bit in the eager paths; the compiled kernel orders its arithmetic its own way
+    assert_like_prodigyopt(opt, ref, params, ref_params, exact=path != "fused")
     assert opt.param_groups[0]["d"] > 100 * shared.get("d0", 1e-6)  # the estimate has grown
     if config == "scheduled":  # the frozen group has not moved
         assert all(torch.equal(p, q) for p, q in zip(params[3:], make_params(SHAPES)[3:]))
@@ -190,22 +193,27 @@ def test_bad_values_are_rejected_by_name() -> None:
 
 
 def _sharded_worker(rank: int, world: int, init_file: str, results: str) -> None:
-    """Each process holds every other tensor, as FSDP shards the parameters: the estimate's sums are reduced over
-    the processes, the updates stay local; the reference is one process holding all of them."""
+    """Each process holds every other tensor, as FSDP or ZeRO shard the parameters: the estimate's sums are reduced
+    over the processes, the updates stay local; the reference is one process holding all of them. Then one process
+    holds them all and the other none (a ZeRO rank that owns no parameter), which joins the reduction."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        params = make_params(SHAPES[1:])
+        params, empty = make_params(SHAPES[1:]), make_params(SHAPES[1:])
         mine = [i for i in range(len(params)) if i % world == rank]
         opt = stochopt.Prodigy([params[i] for i in mine], weight_decay=0.1, fsdp_in_use=True)
+        lopsided = stochopt.Prodigy(empty if rank == 0 else [{"params": []}], weight_decay=0.1, fsdp_in_use=True)
         alone = clone_params(params)
         ref = stochopt.Prodigy(alone, weight_decay=0.1)
         for t in range(30):
-            set_grads(params, t)
-            set_grads(alone, t)
+            for ps in (params, empty, alone):
+                set_grads(ps, t)
             opt.step()
+            lopsided.step()
             ref.step()
         error = max(((params[i] - alone[i]).abs().max() / alone[i].abs().max()).item() for i in mine)
-        d = (opt.param_groups[0]["d"], ref.param_groups[0]["d"])
+        if rank == 0:
+            error = max(error, max(((p - q).abs().max() / q.abs().max()).item() for p, q in zip(empty, alone)))
+        d = [o.param_groups[0]["d"] for o in (opt, lopsided, ref)]
         torch.save({"error": error, "d": d}, f"{results}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -218,4 +226,5 @@ def test_fsdp_in_use_reduces_the_estimate_over_processes(tmp_path) -> None:
     for rank in range(2):
         out = torch.load(f"{results}.{rank}")
         assert out["error"] < 1e-12, out
-        assert math.isclose(*out["d"], rel_tol=1e-12) and out["d"][0] > 1e-4, out
+        d, d_lopsided, d_alone = out["d"]
+        assert math.isclose(d, d_alone, rel_tol=1e-12) and d_lopsided == d_alone and d > 1e-4, out

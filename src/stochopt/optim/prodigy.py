@@ -24,7 +24,7 @@ from torch import Tensor
 
 from stochopt.engine import STEP, EngineOptimizer, StateSpec, centralize, checks, scalar
 from stochopt.engine.layout import compute_dtype_for
-from stochopt.optim.common import bias_correction, decoupled_decay_, ema_square_, heavy_ball_, l2_penalty
+from stochopt.optim.common import bias_correction, ema_square_, heavy_ball_, l2_penalty
 
 #: options of the one d estimate: every param group must hold the first group's values (the package reads them
 #: from the first group and ignores the others')
@@ -84,8 +84,8 @@ class Prodigy(EngineOptimizer):
 
     where :math:`d_k' = \max(d_k, \hat d_{k+1})` while :math:`d_k = d_0` (the first estimate may jump past the
     growth limit :math:`\gamma` = ``growth_rate``) and :math:`d_k` after, :math:`c_d` = ``d_coef``, and
-    :math:`\beta_1 = 0` steps along :math:`d_{k+1} g_k` instead of :math:`m_{k+1}`. This is the paper's Adam form
-    (its Algorithm 3) with the package's additions: the :math:`d_k/d_0` scale of :math:`r` and :math:`s` (their
+    :math:`\beta_1 = 0` steps along :math:`d_{k+1} g_k` instead of :math:`m_{k+1}`. This is the paper's Adam
+    version with the package's additions: the :math:`d_k/d_0` scale of :math:`r` and :math:`s` (their
     ratio is unchanged), ``d_coef``, ``growth_rate``, the running maximum ``d_max`` and ``safeguard_warmup``.
     With ``slice_p`` > 1, :math:`s`, :math:`x_0` and the inner product take every ``slice_p``-th entry of each
     flattened tensor (an approximation that saves memory; the package's option).
@@ -97,7 +97,8 @@ class Prodigy(EngineOptimizer):
     per group. Every group holds the estimate's state: ``group["d"]``, ``d_max``, ``d_numerator``, ``d_denom``,
     ``d_hat`` and the step count ``k``; the step size taken is ``d * lr`` (times the bias correction).
     ``fsdp_in_use=True`` (set by itself where a parameter is FSDP's flattened one) sums the estimate's two sums
-    over the processes of the default ``torch.distributed`` group, in float64.
+    over the processes of the default ``torch.distributed`` group, in float64: set it wherever each process steps
+    its own share of the parameters (FSDP, ``ZeroRedundancyOptimizer``); a process without gradients joins the sum.
 
     Differences from ``prodigyopt`` 1.1.2, each where the package's behaviour is a side effect rather than the
     method: a group with ``lr = 0`` does not move (the package still applies decoupled weight decay to it and, for
@@ -197,9 +198,32 @@ class Prodigy(EngineOptimizer):
         """One optimization step (see the class docstring); ``closure`` re-evaluates the model."""
         self._plan, self._fresh = None, set()
         try:
-            return super().step(closure)
+            loss = super().step(closure)
+            if self._plan is None and self._reduces() and not any(p.grad is not None for p in self._all_params()):
+                self._estimate()  # a process without gradients (a ZeRO rank that owns none) joins the reduction
+            return loss
         finally:
             self._plan, self._fresh = None, set()
+
+    def _reduction_device(self) -> torch.device:
+        """The params' device (NCCL reduces CUDA tensors); for a process without params, the backend's."""
+        params = self._all_params()
+        if params:
+            return params[0].device
+        if dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _all_params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _reduces(self) -> bool:
+        """The estimate's sums are reduced over the processes (``fsdp_in_use``, or FSDP's flattened params)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return False
+        return bool(self.param_groups[0]["fsdp_in_use"]) or any(
+            hasattr(p, "_fsdp_flattened") for p in self._all_params()
+        )
 
     def _init_state(self, group: dict[str, Any], params: list[Tensor]) -> set[int]:
         fresh = super()._init_state(group, params)
@@ -234,9 +258,7 @@ class Prodigy(EngineOptimizer):
         lr = max(_number(group["lr"]) for group in self.param_groups)
         correction = bias_correction(beta2, k + 1) ** 0.5 / bias_correction(beta1, k + 1)
         dlr = d * lr * (correction if first["use_bias_correction"] else 1)
-        fsdp = bool(first["fsdp_in_use"])
         weights, dots, norms = [], [], []
-        device = None
         for group in self.param_groups:
             group_lr = _number(group["lr"])
             if group_lr not in (lr, 0.0):
@@ -251,8 +273,6 @@ class Prodigy(EngineOptimizer):
             scale = d / _number(group["d0"])
             s_weight = scale * (d if group["safeguard_warmup"] else dlr)
             for p, g in zip(params, grads):
-                fsdp = fsdp or hasattr(p, "_fsdp_flattened")
-                device = device or p.device
                 state = self.state[p]
                 compute_dtype = compute_dtype_for(p, group["state_dtype"])
                 g = self._seen_gradient(group, p, g, compute_dtype)
@@ -273,8 +293,8 @@ class Prodigy(EngineOptimizer):
         d_denom = 0.0
         for value in values[len(dots) :]:
             d_denom += value
-        if fsdp and dist.is_available() and dist.is_initialized():
-            sums = torch.tensor([delta_numerator, d_denom], dtype=torch.float64, device=device or "cpu")
+        if self._reduces():  # the sums over every process's shard
+            sums = torch.tensor([delta_numerator, d_denom], dtype=torch.float64, device=self._reduction_device())
             dist.all_reduce(sums)
             delta_numerator, d_denom = sums.tolist()
         if d_denom == 0:  # no gradient has reached the estimate: the moments move, d and the parameters do not
@@ -330,7 +350,7 @@ class Prodigy(EngineOptimizer):
             "d_one_minus_beta1": plan.d * (1 - beta1),
             "d2_one_minus_beta2": plan.d * plan.d * (1 - beta2),
             "weight_decay": decay,
-            "decay_factor": 1 - decay * plan.dlr,
+            "neg_decay_dlr": -decay * plan.dlr,
             "d_eps": plan.d_new * scalar(group["eps"]),
             "neg_dlr": -plan.dlr,
             "neg_dlr_d": -plan.dlr * plan.d_new,
@@ -348,8 +368,8 @@ class Prodigy(EngineOptimizer):
         ema_square_(v, g, c["beta2"], c["d2_one_minus_beta2"])
         if not moves:
             return
-        if decoupled:
-            decoupled_decay_(p, c["decay_factor"])
+        if decoupled:  # the package's p - (wd d lr) p, not common.decoupled_decay_'s p (1 - wd d lr): bit for bit
+            p.add_(p, alpha=c["neg_decay_dlr"])
         denom = v.sqrt().add_(c["d_eps"])
         if momentum:
             p.addcdiv_(state["exp_avg"], denom, value=c["neg_dlr"])
