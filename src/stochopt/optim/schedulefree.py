@@ -13,7 +13,7 @@ step reads nothing on the host.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -39,10 +39,8 @@ class _ScheduleFree(EngineOptimizer):
         super().__init__(params, {**defaults, **GROUP_STATE, "train_mode": True})
 
     # ----- the hyperparameters -----------------------------------------------------------------------------
-    @staticmethod
-    def _beta(group: dict[str, Any]) -> Any:
-        """The interpolation y = (1 - beta) z + beta x: AdamW's betas[0], SGD's momentum."""
-        raise NotImplementedError
+    #: the interpolation y = (1 - beta) z + beta x, read from a group: AdamW's betas[0], SGD's momentum
+    _beta: Callable[[dict[str, Any]], Any]
 
     def _validate(self, group: dict[str, Any]) -> None:
         checks.nonnegative("lr", group["lr"])
