@@ -116,6 +116,7 @@ CASES = [
     case("ddp", "--compression", "nope", says="unknown compression 'nope'"),
     case("ddp", "--compression", "topk:density=3", says="density must be in (0, 1], got 3"),
     case("ddp", "--optimizer", "nope", says="unknown optimizer 'nope'"),
+    case("ddp", "--fsdp", "--zero", says="fsdp=True compares FSDP2 with uncompressed DDP; zero=True applies"),
     case("ddp", "--optimizer-options", "momentum", says="option 'momentum' in '--optimizer-options' is not key=value"),
     case("ddp", "--out", "{tmp}/file.txt", says="--out must be a folder to write into"),
     case("ddp", "--out", "{tmp}/ddp_out", "--resume", says="ddp_partial.json is not a partial-results file"),

@@ -400,6 +400,10 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+#: the compressions ``stochopt ddp`` compares with uncompressed DDP when --compression is not given
+DEFAULT_COMPRESSION = "topk:density=0.01;randomk:density=0.01;sign;powersgd:rank=2"
+
+
 def _ddp(args: argparse.Namespace) -> int:
     from stochopt.distributed import DDPPlan, DistributedError, LaunchConfig, free_port, parse_method
     from stochopt.distributed.launch import torchrun_rank
@@ -413,15 +417,16 @@ def _ddp(args: argparse.Namespace) -> int:
     )
 
     partial = Path(args.out) / PARTIAL_FILE
+    compression = args.compression if args.compression is not None else "" if args.fsdp else DEFAULT_COMPRESSION
     with _user_input():  # everything is checked here, before a process starts
         if args.optimizer_options is None:
             options = {"momentum": 0.9} if args.optimizer == "sgd" else {}
         else:
             options = parse_options(args.optimizer_options, "--optimizer-options")
         plan = DDPPlan(
-            [parse_method(spec) for spec in args.compression.split(";") if spec.strip()], optimizer=args.optimizer,
+            [parse_method(spec) for spec in compression.split(";") if spec.strip()], optimizer=args.optimizer,
             optimizer_options={"lr": args.lr, **options}, steps=args.steps, batch_size=args.batch_size,
-            hidden=args.hidden, seed=args.seed, eval_every=args.eval_every, zero=args.zero,
+            hidden=args.hidden, seed=args.seed, eval_every=args.eval_every, zero=args.zero, fsdp=args.fsdp,
         )  # fmt: skip
         port = args.master_port if args.master_port is not None else free_port(args.master_addr)
         config = LaunchConfig(args.nproc, args.master_addr, port, args.timeout)
@@ -573,9 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
         "`torchrun --nproc-per-node N -m stochopt.cli ddp ...`.",
     )  # fmt: skip
     p_ddp.add_argument(
-        "--compression", default="topk:density=0.01;randomk:density=0.01;sign;powersgd:rank=2",
+        "--compression",
         help="';'-separated name:key=value,... of none, topk, randomk, sign, powersgd (uncompressed 'none' is "
-        "always run too; default: %(default)s)",
+        f"always run too; default: {DEFAULT_COMPRESSION}; with --fsdp: none)",
     )  # fmt: skip
     p_ddp.add_argument("--nproc", type=_integer(), default=2, help="processes to spawn (default 2; torchrun: its own)")
     p_ddp.add_argument("--optimizer", default="sgd", help="a registered optimizer (default sgd)")
@@ -588,6 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_ddp.add_argument("--eval-every", type=_integer(1), default=10,
                        help="steps between training-set losses (default 10)")  # fmt: skip
     p_ddp.add_argument("--zero", action="store_true", help="shard the optimizer state (ZeroRedundancyOptimizer)")
+    p_ddp.add_argument("--fsdp", action="store_true",
+                       help="train the model sharded with FSDP2 (fully_shard) beside uncompressed DDP: loss, optimizer "
+                       "state bytes per rank, time per step (no --compression, no --zero)")  # fmt: skip
     p_ddp.add_argument("--master-addr", default="127.0.0.1")
     p_ddp.add_argument("--master-port", type=_integer(), help="in [1, 65535] (default: a free port)")
     p_ddp.add_argument("--timeout", type=_number(0, above=True), default=60.0,

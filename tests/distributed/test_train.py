@@ -37,6 +37,22 @@ def test_compressed_training_reaches_the_uncompressed_loss_with_fewer_bytes(resu
         assert sum(s["bytes_sent"] for s in r.steps) == r.bytes_sent
 
 
+def test_fsdp_trains_as_ddp_with_the_state_halved_and_its_bytes_counted():
+    """``stochopt ddp --fsdp``: the same model, batches and optimizer sharded by FSDP2 beside DDP (2 processes):
+    the same losses (float32: to rounding), half the elementwise optimizer state per rank, and FSDP2's bytes
+    (3 (W - 1) / W of the model's bytes per step: two parameter all-gathers and a gradient reduce-scatter)."""
+    steps = 20
+    plan = DDPPlan([], optimizer="adamw", optimizer_options={"lr": 3e-3}, steps=steps, eval_every=steps, fsdp=True)
+    ddp, fsdp = run_ddp(plan, LaunchConfig(2, master_port=free_port(), timeout=60), verbose=False, start_method=START)
+    assert (ddp.method, fsdp.method) == ("none", "fsdp")
+    assert abs(ddp.final_train_loss - fsdp.final_train_loss) < 1e-5
+    assert all(abs(a["loss"] - b["loss"]) < 1e-5 for a, b in zip(ddp.steps, fsdp.steps))
+    assert fsdp.state_bytes * 2 == ddp.state_bytes  # AdamW's moments, sharded (step counters are 0-d)
+    assert 2 * fsdp.bytes_sent == 3 * ddp.bytes_sent  # 3 (W-1)/W against all-reduce's 2 (W-1)/W
+    with pytest.raises(ValueError, match="fsdp=True compares FSDP2 with uncompressed DDP; compression topk"):
+        DDPPlan([Method("topk", {"density": 0.01})], fsdp=True)
+
+
 def test_results_are_written(results, tmp_path):
     paths = write_results(list(results.values()), tmp_path)
     assert [p.name for p in paths] == ["ddp.json", "ddp_summary.csv", "ddp_steps.csv", "ddp_loss_vs_bytes.png"]

@@ -91,8 +91,12 @@ def test_resume_mid_period_is_bit_exact(inner):
     opt = build(params)
     run(opt, params, 7)
     saved = copy.deepcopy(opt.state_dict())
-    assert saved["step"] == 7 and saved["k"] == 5 and saved["alpha"] == 0.5
-    assert sorted(saved["slow_weights"]) == list(range(len(params)))
+    # torch.optim's format (what torch.distributed.checkpoint and the trainers read): the slow weights in each
+    # parameter's state, k, alpha and the step count in every param group
+    assert {"state", "param_groups"} <= set(saved) and "optimizer" not in saved
+    group = saved["param_groups"][0]
+    assert (group["lookahead_step"], group["lookahead_k"], group["lookahead_alpha"]) == (7, 5, 0.5)
+    assert sorted(i for i, s in saved["state"].items() if "lookahead_slow_weights" in s) == list(range(len(params)))
 
     resumed_params = clone_params(params)
     resumed = build(resumed_params)
@@ -101,7 +105,27 @@ def test_resume_mid_period_is_bit_exact(inner):
     run(resumed, resumed_params, 13, start=7)
     for a, b in zip(params, resumed_params):
         assert torch.equal(a, b)
-    for a, b in zip(opt.state_dict()["slow_weights"].values(), resumed.state_dict()["slow_weights"].values()):
+    for a, b in zip(opt.state_dict()["state"].values(), resumed.state_dict()["state"].values()):
+        assert torch.equal(a["lookahead_slow_weights"], b["lookahead_slow_weights"])
+
+
+def test_a_state_dict_of_the_nested_format_still_loads():
+    """Checkpoints written before the slow weights moved into the per-parameter state: ``{"optimizer": inner,
+    "slow_weights": {index: tensor}, "step", "k", "alpha"}``."""
+    params = make_params()
+    opt = Lookahead(stochopt.Adam(params, lr=0.01), k=5, alpha=0.5)
+    run(opt, params, 7)
+    sd = opt.state_dict()
+    inner = copy.deepcopy(opt.optimizer.state_dict())
+    slow = {i: s["lookahead_slow_weights"].clone() for i, s in sd["state"].items()}
+    nested = {"optimizer": inner, "slow_weights": slow, "step": 7, "k": 5, "alpha": 0.5}
+    resumed_params = clone_params(params)
+    resumed = Lookahead(stochopt.Adam(resumed_params, lr=0.01), k=2, alpha=0.1)
+    resumed.load_state_dict(nested)
+    assert (resumed.k, resumed.alpha) == (5, 0.5)
+    run(opt, params, 8, start=7)
+    run(resumed, resumed_params, 8, start=7)
+    for a, b in zip(params, resumed_params):
         assert torch.equal(a, b)
 
 
@@ -157,7 +181,7 @@ def test_add_param_group_after_some_steps():
             slow_b += 0.5 * (ref_b - slow_b)
             ref_b.copy_(slow_b)
     assert_same([a, b], [ref_a, ref_b])
-    assert sorted(opt.state_dict()["slow_weights"]) == [0, 1]
+    assert sorted(i for i, s in opt.state_dict()["state"].items() if "lookahead_slow_weights" in s) == [0, 1]
 
 
 def _grads(tensors, step):
@@ -201,7 +225,7 @@ def test_skipped_steps_do_not_count():
     for g in (1.0, float("inf"), 1.0):
         w.grad = torch.full_like(w, g)
         opt.step()
-    assert opt.optimizer.skipped_steps == 1 and opt.state_dict()["step"] == 2
+    assert opt.optimizer.skipped_steps == 1 and opt.state_dict()["param_groups"][0]["lookahead_step"] == 2
     # two real steps of -0.1, then phi = 1 + 0.5 * (0.8 - 1)
     assert torch.allclose(w, torch.full_like(w, 0.9))
 
@@ -246,12 +270,15 @@ def test_rejects_foreign_or_mismatched_state_dicts():
     params = make_params()
     opt = Lookahead(torch.optim.SGD(params, lr=0.1), k=2)
     run(opt, params, 1)
-    with pytest.raises(ValueError, match=r"not saved by Lookahead: it lacks \['optimizer', 'slow_weights'"):
+    with pytest.raises(ValueError, match=r"not saved by Lookahead: its param groups lack \['lookahead_step'"):
         opt.load_state_dict(opt.optimizer.state_dict())
+    with pytest.raises(ValueError, match=r"not saved by Lookahead: it lacks \['slow_weights', 'step'"):
+        opt.load_state_dict({"optimizer": opt.optimizer.state_dict()})
     bad = copy.deepcopy(opt.state_dict())
-    bad["slow_weights"][1] = torch.zeros(2, 2)
+    bad["state"][1]["lookahead_slow_weights"] = torch.zeros(2, 2)
     with pytest.raises(ValueError, match=r"slow weight 1 is \(2, 2\), parameter 1 has shape \(7, 5\)"):
         opt.load_state_dict(bad)
-    bad["slow_weights"] = {99: torch.zeros(1)}
+    bad["state"][99] = {"lookahead_slow_weights": torch.zeros(1)}
+    del bad["state"][1]
     with pytest.raises(ValueError, match="slow weight 99 has no parameter"):
         opt.load_state_dict(bad)

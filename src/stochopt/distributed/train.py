@@ -3,7 +3,9 @@ communicated and time per step, saved as JSON and CSV, and a plot of loss agains
 
 Every method trains the same model from the same initialization on the same batches (a global batch of
 ``world_size x batch_size`` examples drawn by a seeded generator, each rank taking its slice), so the curves
-differ only by what the compression did."""
+differ only by what the compression did. ``fsdp=True`` trains the same model sharded with FSDP2
+(``fully_shard`` on each Linear and on the root) beside uncompressed DDP instead: loss, optimizer-state bytes
+per rank, bytes per rank and time per step."""
 
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from stochopt.distributed.launch import (
     spawn,
     torchrun_rank,
 )
+from stochopt.distributed.state import CommStats, allreduce_bytes
 from stochopt.distributed.zero import zero_optimizer
 from stochopt.registry import create_optimizer
 
@@ -97,6 +100,7 @@ class DDPPlan:
     seed: int = 0
     eval_every: int = 10
     zero: bool = False
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         # unknown names and bad hyperparameters fail here, before any process starts
@@ -108,6 +112,15 @@ class DDPPlan:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.fsdp:
+            compressed = [m.label for m in self.methods if m.name not in ("none", "fsdp")]
+            if compressed or self.zero:
+                what = f"compression {', '.join(compressed)}" if compressed else "zero=True"
+                raise ValueError(
+                    f"fsdp=True compares FSDP2 with uncompressed DDP; {what} applies to DDP's gradients only: drop it"
+                )
+            self.methods = [Method("none"), Method("fsdp")]
+            return
         for method in self.methods:  # bad options fail here, with their name, not inside a spawned rank
             compression_hook(method.name, **method.options)
         if not any(m.name == "none" for m in self.methods):
@@ -128,6 +141,7 @@ class MethodResult:
     ms_per_step: float
     steps: list[dict[str, float]]  # step, batch loss (rank 0), bytes sent and dense bytes in the step, seconds
     curve: list[dict[str, float]]  # step, training-set loss, bytes sent so far
+    state_bytes: int = 0  # optimizer state on the rank that holds the most
 
     @property
     def compression(self) -> float:
@@ -152,8 +166,11 @@ def train_method(
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(plan.seed)
     model = digits_mlp(plan.hidden)
-    ddp = nn.parallel.DistributedDataParallel(model)
-    state = register_compression(ddp, method.name, **method.options)
+    if method.name == "fsdp":
+        ddp, state = _fully_shard(model), _FSDPBytes(model, world)
+    else:
+        ddp = nn.parallel.DistributedDataParallel(model)
+        state = register_compression(ddp, method.name, **method.options)
     if plan.zero:
         optimizer = zero_optimizer(ddp.parameters(), plan.optimizer, **plan.optimizer_options)
     else:
@@ -172,6 +189,8 @@ def train_method(
         optimizer.step()
         seconds = time.perf_counter() - start
         elapsed += seconds
+        if method.name == "fsdp":
+            state.end_step(sum(getattr(optimizer, "sharded_bytes", [0, 0])) // 2)
         stats = state.stats
         steps.append({"step": step + 1, "loss": loss.item(), "bytes_sent": stats.last_bytes_sent,
                       "dense_bytes": stats.last_dense_bytes, "seconds": seconds})  # fmt: skip
@@ -189,10 +208,54 @@ def train_method(
                 progress(f"{method.label}: the loss is {steps[-1]['loss']} at step {step + 1}; stopped (diverged)")
             break
     _, val_accuracy = _evaluate(model, *val.tensors)
+    state_bytes = torch.tensor([float(optimizer_state_bytes(optimizer))])
+    dist.all_reduce(state_bytes, op=dist.ReduceOp.MAX)
     return MethodResult(
         method.label, method.name, dict(method.options), curve[-1]["train_loss"], val_accuracy,
         state.stats.bytes_sent, state.stats.dense_bytes, 1000 * elapsed / len(steps), steps, curve,
+        int(state_bytes.item()),
     )  # fmt: skip
+
+
+def _fully_shard(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    return fully_shard(model)
+
+
+class _FSDPBytes:
+    """FSDP2's bytes per rank and step, counted as ring collectives move them: the parameters all-gathered for
+    the forward and again for the backward (``reshard_after_forward``), the gradients reduce-scattered, each
+    ``(W - 1) / W`` of the model's bytes, and the gathers and scatters of whole-tensor optimizers (Muon's and
+    Shampoo's matrices, engine/sharded.py: half of what this rank sent and received, as a ring's sent equals
+    its received); the dense reference is DDP's all-reduce of the gradients."""
+
+    def __init__(self, model: nn.Module, world: int) -> None:
+        nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.per_step = -(-3 * (world - 1) * nbytes // world)
+        self.dense = allreduce_bytes(nbytes, world)
+        self.stats = CommStats()
+        self.optimizer_bytes = 0
+
+    def end_step(self, optimizer_bytes: int) -> None:
+        """Close a step; ``optimizer_bytes``: the optimizer's gather/scatter bytes so far."""
+        step_bytes = self.per_step + optimizer_bytes - self.optimizer_bytes
+        self.optimizer_bytes = optimizer_bytes
+        self.stats.add(step_bytes, step_bytes, self.dense)
+        self.stats.end_step()
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the optimizer state this rank holds (its shards' local parts; full tensors it owns), step
+    counters and other 0-d state aside."""
+    from stochopt.engine.sharded import local
+
+    tensors = [local(t) for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    tensors = [t for t in tensors if t.dim() > 0]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 #: the file in ``stochopt ddp --out`` that keeps the methods finished while a run goes on (removed at the end)
@@ -292,12 +355,12 @@ def run_ddp(
 def format_table(results: list[MethodResult]) -> str:
     """Final loss, accuracy, bytes per rank and compression against dense all-reduce, time per step."""
     head = (f"{'method':<34}{'train loss':>11}{'val acc':>9}{'MB sent/rank':>14}{'dense MB':>10}{'fewer bytes':>13}"
-            f"{'ms/step':>9}")  # fmt: skip
+            f"{'ms/step':>9}{'state MB/rank':>15}")  # fmt: skip
     lines = [head]
     for r in results:
         lines.append(
             f"{r.label:<34}{_loss(r.final_train_loss):>11}{r.val_accuracy:>9.3f}{r.bytes_sent / 1e6:>14.3f}"
-            f"{r.dense_bytes / 1e6:>10.3f}{r.compression:>12.1f}x{r.ms_per_step:>9.2f}"
+            f"{r.dense_bytes / 1e6:>10.3f}{r.compression:>12.1f}x{r.ms_per_step:>9.2f}{r.state_bytes / 1e6:>15.3f}"
         )
     return "\n".join(lines)
 
@@ -314,7 +377,8 @@ def write_results(results: list[MethodResult], out_dir: str | Path) -> list[Path
     paths = [out / "ddp.json", out / "ddp_summary.csv", out / "ddp_steps.csv", out / "ddp_loss_vs_bytes.png"]
     rows = [{**asdict(r), "compression": r.compression} for r in results]
     paths[0].write_text(json.dumps(rows, indent=1))
-    summary = ["label", "final_train_loss", "val_accuracy", "bytes_sent", "dense_bytes", "compression", "ms_per_step"]
+    summary = ["label", "final_train_loss", "val_accuracy", "bytes_sent", "dense_bytes", "compression", "ms_per_step",
+               "state_bytes"]  # fmt: skip
     with paths[1].open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=summary, extrasaction="ignore")
         writer.writeheader()

@@ -13,7 +13,9 @@ An optimizer subclass declares
 
 The engine owns the books: param groups, lazy state, buckets of tensors that share device, dtype and step,
 ``maximize``, gradient centralization (the group option ``centralize_gradients``), cautious updates (the group
-option ``cautious``, for the optimizers that declare ``_cautious_supported``), precision (the math in
+option ``cautious``, for the optimizers that declare ``_cautious_supported``), sharded (FSDP2, DTensor)
+parameters (engine/sharded.py: elementwise updates on local shards, whole-tensor ones, ``_whole_tensor_update``,
+on one owning rank), precision (the math in
 ``promote_types(param dtype, state dtype)``, parameters and state of another dtype written back; see
 ``EngineOptimizer``), sparse gradients, the non-finite-gradient policy and the state_dict checks.
 """
@@ -28,10 +30,11 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from stochopt.engine import checks, fused, scalars
+from stochopt.engine import checks, fused, scalars, sharded
 from stochopt.engine.fused import coefficient_dtype, fused_kernel, update_bucket
 from stochopt.engine.layout import (
     STEP,
@@ -111,6 +114,10 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
     #: ``_update`` takes the static flag ``cautious`` (Liang et al., 2024: the group option ``cautious``, set by the
     #: constructor's ``cautious=True``) and masks its update direction with ``optim.common.cautious_direction``
     _cautious_supported: bool = False
+    #: ``_update`` reduces over the whole tensor (a norm, row/column statistics) or the optimizer's own step loop
+    #: does matrix work: sharded (DTensor) parameters are gathered to an owning rank and stepped whole there
+    #: (engine/sharded.py); False: elementwise, stepped on each rank's local shard
+    _whole_tensor_update: bool = False
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         defaults = {**ENGINE_DEFAULTS, **defaults}
@@ -152,6 +159,10 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
     def _advance(self, group: dict[str, Any], step: int, states: list[dict[str, Tensor]]) -> None:
         """Advance scalar state that moves with the step, once per bucket and step, before ``_coefficients``."""
 
+    def _finish_step(self) -> None:
+        """Work after every group's update and before sharded whole tensors go back to their ranks (Prodigy: a
+        process that stepped nothing still joins the estimate's reduction)."""
+
     # ----- the torch.optim contract --------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         checks.check_group_params(param_group, self.param_groups)
@@ -187,6 +198,8 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
             layout = self._layout(merged)
             for index, param in zip(saved_group["params"], group["params"]):
                 saved = state_dict["state"].get(index)
+                if saved and set(saved) == {"step"} and self._owned_elsewhere(merged, param):
+                    continue  # a sharded whole tensor that another rank steps: its step counter alone
                 if saved:
                     checks.check_loaded_state(type(self).__name__, applicable(layout, param), index, param, saved)
                     saved_by_param[param] = (saved, layout, merged)
@@ -220,17 +233,90 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
             with torch.enable_grad():
                 loss = closure()
         amp = _amp_scaling(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
-        work = [(group, *self._collect(group)) for group in self.param_groups]
-        if self._nonfinite_found(work):
-            return loss  # before any state is created: a skipped step leaves no trace but the count
-        if amp is not None and not self._capturable:  # own step loops (matrix work): the eager paths' rule
-            if not _host_unscale([g for _, _, grads in work for g in grads], amp):
-                return loss
-            amp = None
-        for group, params, grads in work:
-            if params:
-                self._step_group(group, params, grads, self._init_state(group, params), amp)
+        self._gather_whole_tensors()
+        try:
+            work = [(group, *self._collect(group)) for group in self.param_groups]
+            if self._nonfinite_found(work):
+                return loss  # before any state is created: a skipped step leaves no trace but the count
+            if amp is not None and not self._capturable:  # own step loops (matrix work): the eager paths' rule
+                if not _host_unscale([g for _, _, grads in work for g in grads], amp):
+                    return loss
+                amp = None
+            for group, params, grads in work:
+                if params:
+                    self._step_group(group, params, grads, self._init_state(group, params), amp)
+            self._finish_step()
+            self._scatter_whole_tensors()
+        finally:
+            self._release_stand_ins()
         return loss
+
+    def _whole_tensor(self, group: dict[str, Any], p: Tensor) -> bool:
+        """``p``, sharded, is stepped as a whole on its owner: the update reduces over the tensor (the class
+        says so, or the cautious mask's per-tensor scale), or centralizes rows that ranks hold only in part."""
+        rows_split = group["centralize_gradients"] and p.dim() > 1 and not sharded.rows_whole(p)
+        return self._whole_tensor_update or bool(group["cautious"]) or rows_split
+
+    def _gather_whole_tensors(self) -> None:
+        """Sharded parameters of whole-tensor updates: the owner gets a full-size stand-in with the full gradient,
+        whose state is the parameter's (engine/sharded.py); ``_collect`` hands it out instead of the parameter,
+        and other ranks skip the parameter. ``self.sharded_bytes``: [sent, received] by this rank so far for
+        these gathers and the scatters back."""
+        self._stand_ins: dict[int, Tensor | None] = {}
+        self._stand_in_for: dict[int, Tensor] = {}
+        owners = self.__dict__.setdefault("_shard_owners", {})
+        for group in self.param_groups:
+            for index, p in enumerate(group["params"]):
+                if p.grad is None or not sharded.is_sharded(p) or not self._whole_tensor(group, p):
+                    continue
+                sharded.check_gatherable(type(self).__name__, index, p)
+                loads = self.__dict__.setdefault("_shard_loads", [0] * p.device_mesh.size())
+                owner = sharded.assign_owner(owners, loads, p)
+                moved = self.__dict__.setdefault("sharded_bytes", [0, 0])
+                full, full_grad = sharded.gather(p.detach(), owner, moved), sharded.gather(p.grad, owner, moved)
+                stand_in = None
+                if full is not None:
+                    stand_in = full
+                    stand_in.grad = full_grad
+                    self.state[stand_in] = self.state[p]
+                    self._stand_in_for[id(stand_in)] = p
+                self._stand_ins[id(p)] = stand_in
+
+    def _owned_elsewhere(self, group: dict[str, Any], p: Tensor) -> bool:
+        """``p`` is sharded and stepped whole by another rank (or not yet assigned: a fresh optimizer loading a
+        checkpoint assigns owners at its first step; a rank that owns it then loads its full state, below)."""
+        return sharded.is_sharded(p) and self._whole_tensor(group, p)
+
+    def _parameter_of(self, p: Tensor) -> Tensor:
+        """The parameter a tensor handed to ``_step_group`` stands for (a sharded parameter's full-size stand-in
+        on its owner, see ``_gather_whole_tensors``), or ``p`` itself."""
+        return getattr(self, "_stand_in_for", {}).get(id(p), p)
+
+    def _scatter_whole_tensors(self) -> None:
+        """The owners' new values back to every rank's shard; and the owners' step counters to the other ranks,
+        whose state of the parameter is that counter alone: every rank then saves the same ``step`` for it, and
+        torch.distributed.checkpoint finds state for every parameter on every rank (it refuses a parameter with
+        none), so that a checkpoint loads on any world size, whoever owns the parameter there."""
+        entries = [(g, p) for g in self.param_groups for p in g["params"] if id(p) in self._stand_ins]
+        for _, p in entries:
+            sharded.scatter(self._stand_ins[id(p)], p, self._shard_owners[id(p)], self.sharded_bytes)
+        counted = [p for group, p in entries if STEP in self._layout(group)]
+        if counted:
+            steps = [self.state[p].get("step") for p in counted]
+            owned = [self._stand_ins[id(p)] is not None and step is not None for p, step in zip(counted, steps)]
+            values = torch.tensor([float(s) if mine else 0.0 for s, mine in zip(steps, owned)], dtype=torch.float64)
+            mesh = counted[0].device_mesh
+            values = values.to(mesh.device_type)
+            dist.all_reduce(values, group=mesh.get_group())
+            for p, mine, value in zip(counted, owned, values.tolist()):
+                if not mine:
+                    self.state[p]["step"] = torch.tensor(value, dtype=spec_dtype(STEP, p, None))
+
+    def _release_stand_ins(self) -> None:
+        self.__dict__.pop("_stand_in_for", None)
+        for stand_in in self.__dict__.pop("_stand_ins", {}).values():
+            if stand_in is not None:
+                del self.state[stand_in]
 
     def _apply_update(
         self,
@@ -289,7 +375,12 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
     def _collect(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
         """The group's params that have gradients, and the gradients, checked."""
         params, grads = [], []
+        stand_ins = getattr(self, "_stand_ins", {})
         for index, p in enumerate(group["params"]):
+            if id(p) in stand_ins:  # sharded, stepped whole on its owner (None: on another rank)
+                p = stand_ins[id(p)]
+                if p is None:
+                    continue
             if p.grad is None:
                 continue
             if p.grad.is_sparse and self._sparse_update is None:
@@ -330,14 +421,17 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
         if not checked:
             return False
         dense = [g.coalesce()._values() if g.is_sparse else g for _, _, grads in checked for g in grads]
-        norms = torch._foreach_norm(dense, float("inf"))
-        if bool(torch.stack([n.to("cpu", torch.float32) for n in norms]).isfinite().all()):
+        norms = torch._foreach_norm([sharded.local(g) for g in dense], float("inf"))
+        found = not bool(torch.stack([n.to("cpu", torch.float32) for n in norms]).isfinite().all())
+        if not sharded.any_found(found, dense):  # sharded: one rank's shard may hold it, and all must skip
             return False
-        first = next(i for i, n in enumerate(norms) if not torch.isfinite(n))
         if any(group["nonfinite"] == "raise" for group, _, _ in checked):
+            first = next((f"gradient {i}" for i, n in enumerate(norms) if not torch.isfinite(n)), None)
+            where = (
+                f"{first} (counting params with gradients, in group order)" if first else "a gradient on another rank"
+            )
             raise NonFiniteGradientError(
-                f"{type(self).__name__}: gradient {first} (counting params with gradients, in group order) "
-                "holds inf or NaN; the step was not taken (nonfinite='raise')"
+                f"{type(self).__name__}: {where} holds inf or NaN; the step was not taken (nonfinite='raise')"
             )
         self.skipped_steps += 1
         return True
@@ -365,6 +459,10 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
             ps = [params[i] for i in indices]
             gs = [grads[i] for i in indices]
             states = [self.state[p] for p in ps]
+            originals = ps
+            if any(sharded.is_sharded(p) for p in ps):  # elementwise: each rank steps its own shard
+                ps, gs = [sharded.local(p) for p in ps], [sharded.local(g) for g in gs]
+                states = [sharded.local_state(s) for s in states]
             compute_dtype = compute_dtype_for(ps[0], group["state_dtype"])
             state_dtype = state_dtype_for(ps[0], group["state_dtype"])
             # torch's kernels count steps themselves; without a counter (SGD) they are told the first step
@@ -376,7 +474,7 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
             if counted:
                 torch._foreach_add_([s["step"] for s in states], 1.0)
             if tensor_mode:
-                step = _step_vector(states, ps, fresh, counted)
+                step = _step_vector(states, originals, fresh, counted)
             else:
                 step += 1
             in_kernel_amp = amp if native or compiled else None

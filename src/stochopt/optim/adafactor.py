@@ -85,6 +85,7 @@ class Adafactor(EngineOptimizer):
 
     _flatten = False  # the row and column statistics need the parameter's shape
     _staged = True  # see _update
+    _whole_tensor_update = True  # row and column statistics, update RMS
     # With OpenMP thread counts left dynamic, inductor's column reduction (mean over dim -2) of a tall matrix ran
     # 41.5 ms against 26.9 ms fixed, on a 32000 x 256 weight. Small tensors never reach the kernel (they take
     # the foreach path), so a kernel is first compiled for a large tensor and parallelized for it.

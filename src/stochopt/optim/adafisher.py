@@ -142,6 +142,7 @@ class AdaFisher(EngineOptimizer):
     """
 
     _capturable = False  # its step loop decides on the host (matrix work per tensor)
+    _whole_tensor_update = True  # Kronecker factors of the whole weight
 
     @staticmethod
     def params_from_module(model: nn.Module) -> nn.Module:
@@ -308,7 +309,7 @@ class AdaFisher(EngineOptimizer):
         for p, g in zip(params, grads):
             state = self.state[p]
             state["step"] += 1
-            module, role = self._owners[id(p)]
+            module, role = self._owners[id(self._parameter_of(p))]
             factors = self._factors.get(module)
             if factors is not None:
                 h, s = factors

@@ -42,6 +42,7 @@ class Lamb(EngineOptimizer):
     # loop. At 4 it is computed once per tensor (measured: the fused step 5-8% faster; the stored update u was
     # already realized, so no tensor-sized buffer is added).
     _compile_options = {**ELEMENTWISE_OPTIONS, "realize_opcount_threshold": 4}
+    _whole_tensor_update = True  # the trust ratio's norms
 
     def __init__(
         self,
@@ -121,6 +122,8 @@ class Lars(EngineOptimizer):
     dimension (biases, norm weights) are excluded by default (``exclude_1d=True``): they take the plain momentum
     step :math:`\lambda_t = 1` without weight decay.
     """
+
+    _whole_tensor_update = True  # the trust ratio's norms
 
     def __init__(
         self,

@@ -32,12 +32,16 @@ class Lookahead(OptimizerWrapper):
 
     Wraps any ``torch.optim.Optimizer`` instance and keeps its state (momentum) across synchronizations.
     ``param_groups``, ``defaults`` and ``state`` are the inner optimizer's own objects, so an lr scheduler
-    built on the wrapper changes the inner lr. The slow weights, the step count, ``k`` and ``alpha`` travel in
-    :meth:`state_dict` beside the inner optimizer's. ``alpha = 1`` is the inner optimizer alone. A step that
+    built on the wrapper changes the inner lr. The slow weights travel in :meth:`state_dict` in each parameter's
+    state (``lookahead_slow_weights``), the step count, ``k`` and ``alpha`` in every param group
+    (``lookahead_step``, ``lookahead_k``, ``lookahead_alpha``), so that torch.distributed.checkpoint and the
+    trainers' checkpointing handle it as any optimizer. ``alpha = 1`` is the inner optimizer alone. A step that
     stochopt's ``nonfinite="skip"`` skipped does not count towards ``k``.
     """
 
-    _STATE_KEYS = ("slow_weights", "step", "k", "alpha")
+    _PARAM_KEYS = ("lookahead_slow_weights",)
+    _GROUP_KEYS = ("lookahead_step", "lookahead_k", "lookahead_alpha")
+    _NESTED_KEYS = ("slow_weights", "step", "k", "alpha")
 
     def __init__(self, optimizer: Optimizer, k: int = 5, alpha: float = 0.5) -> None:
         super().__init__(optimizer)
@@ -67,14 +71,25 @@ class Lookahead(OptimizerWrapper):
                     p.copy_(slow)
         return loss
 
-    def _own_state(self) -> dict[str, Any]:
-        """The slow weights keyed by parameter index (param-group order), step, k, alpha."""
-        slow = {i: self._slow[p] for i, p in enumerate(self._params()) if p in self._slow}
-        return {"slow_weights": slow, "step": self._step, "k": self.k, "alpha": self.alpha}
+    def _param_state(self) -> dict[int, dict[str, Tensor]]:
+        return {i: {"lookahead_slow_weights": self._slow[p]} for i, p in enumerate(self._params()) if p in self._slow}
 
-    def _load_own_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        k, alpha, step = checks.count("k", state_dict["k"], 1), _checked_alpha(state_dict["alpha"]), state_dict["step"]
+    def _group_state(self) -> dict[str, Any]:
+        return {"lookahead_step": self._step, "lookahead_k": self.k, "lookahead_alpha": self.alpha}
+
+    def _from_nested(self, state_dict: dict[str, Any]) -> tuple[dict[int, dict[str, Tensor]], dict[str, Any]]:
+        slow = state_dict["slow_weights"]
+        tensors = {i: {"lookahead_slow_weights": t} for i, t in slow.items()} if isinstance(slow, dict) else slow
+        scalars = {"lookahead_step": state_dict["step"], "lookahead_k": state_dict["k"]}
+        return tensors, {**scalars, "lookahead_alpha": state_dict["alpha"]}
+
+    def _load_own_state(self, tensors: dict[int, dict[str, Tensor]], scalars: dict[str, Any]) -> dict[str, Any]:
+        k, alpha = checks.count("k", scalars["lookahead_k"], 1), _checked_alpha(scalars["lookahead_alpha"])
+        step = scalars["lookahead_step"]
         if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
             raise ValueError(f"state_dict: step must be an int >= 0, got {step!r}")
-        slow = indexed_tensors(state_dict["slow_weights"], self._params(), "slow weight")
+        if not isinstance(tensors, dict):
+            raise ValueError(f"state_dict: the slow weights must be a dict by parameter index, got {tensors!r}")
+        slow_by_index = {i: entry["lookahead_slow_weights"] for i, entry in tensors.items()}
+        slow = indexed_tensors(slow_by_index, self._params(), "slow weight")
         return {"_slow": slow, "_step": int(step), "k": k, "alpha": alpha}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from stochopt.engine import STEP, EngineOptimizer, StateSpec, checks, scalar
 from stochopt.optim.common import (
@@ -40,6 +41,9 @@ class MARS(EngineOptimizer):
     """
 
     _cautious_supported = True
+
+    def _whole_tensor(self, group: dict[str, Any], p: Tensor) -> bool:
+        return p.dim() > 1 or super()._whole_tensor(group, p)  # matrices clip the corrected gradient by its norm
 
     def __init__(
         self,

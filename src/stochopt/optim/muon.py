@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from stochopt.engine import STEP, EngineOptimizer, StateSpec, checks, scalar
+from stochopt.engine import STEP, EngineOptimizer, StateSpec, checks, scalar, sharded
 from stochopt.optim.adam import Adam
 from stochopt.optim.common import adam_coefficients, decoupled_decay_
 
@@ -109,12 +109,18 @@ class Muon(EngineOptimizer):
     ``distributed=True`` (with torch.distributed initialized): each rank orthogonalizes the matrices
     assigned to it round-robin (the i-th matrix of a group to rank i mod world size) and the updated matrices
     are all-gathered; every rank must hold the same gradients (DDP, or a gradient all-reduce before ``step``).
+    Every rank keeps every matrix's momentum (an EMA is cheap beside Newton-Schulz), so rank 0's checkpoint
+    is whole and resumes on any world size. FSDP2 (DTensor) parameters need no flag: the engine gathers each
+    matrix to one owning rank (docs/sharded.md), and ``distributed=True`` is refused for them.
     ``foreach``/``fused`` choose the execution path of the AdamW part; the matrix work is the same in every
     path. ``ns_dtype``: the Newton-Schulz precision (None: :func:`default_ns_dtype`, bfloat16 where the
     device multiplies it natively, float32 elsewhere).
     """
 
     _capturable = False  # its step loop decides on the host (matrix work per tensor)
+
+    def _whole_tensor(self, group: dict[str, Any], p: Tensor) -> bool:
+        return owned_by_muon(group, p) or super()._whole_tensor(group, p)  # Newton-Schulz of the whole matrix
 
     def __init__(
         self,
@@ -157,6 +163,12 @@ class Muon(EngineOptimizer):
         return muon_param_groups(model)
 
     def _validate(self, group: dict[str, Any]) -> None:
+        if self.distributed and any(sharded.is_sharded(p) for p in group["params"]):
+            raise ValueError(
+                "Muon(distributed=True) shares the Newton-Schulz work of replicated (DDP) parameters; these are "
+                "sharded (DTensor, FSDP2), whose matrices the engine already gathers to one owner each: drop "
+                "distributed=True"
+            )
         checks.nonnegative("lr", group["lr"])
         checks.nonnegative("weight_decay", group["weight_decay"])
         checks.in_unit_interval("momentum", group["momentum"])
@@ -214,8 +226,9 @@ class Muon(EngineOptimizer):
         for i, (p, g) in enumerate(zip(ps, gs)):
             if i % world == rank:
                 self._muon_update(group, p, g)
-            else:
-                self.state[p]["step"] += 1  # the owner moves the matrix; the step count stays the same everywhere
+            else:  # the owner moves the matrix; every rank keeps every momentum, so any rank's checkpoint is whole
+                self.state[p]["step"] += 1
+                self._apply_update(group, self._momentum_math, p, g, {"momentum": scalar(group["momentum"])})
         self._all_gather(ps, world, rank)
 
     def _muon_update(self, group: dict[str, Any], p: Tensor, g: Tensor) -> None:
@@ -232,9 +245,13 @@ class Muon(EngineOptimizer):
         self._apply_update(group, self._muon_math, p, g, c)
 
     @staticmethod
+    def _momentum_math(p: Tensor, g: Tensor, state: dict[str, Tensor], c: dict[str, Any]) -> None:
+        state["momentum_buffer"].lerp_(g, 1.0 - c["momentum"])
+
+    @staticmethod
     def _muon_math(p: Tensor, g: Tensor, state: dict[str, Tensor], c: dict[str, Any]) -> None:
+        Muon._momentum_math(p, g, state, c)
         buf = state["momentum_buffer"]
-        buf.lerp_(g, 1.0 - c["momentum"])
         update = g.lerp(buf, c["momentum"]) if c["nesterov"] else buf
         ortho = newton_schulz(update.reshape(len(p), -1), *c["ns"])
         decoupled_decay_(p, c["decay_factor"])

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from stochopt.engine import STEP, EngineOptimizer, StateSpec, centralize, checks, scalar
+from stochopt.engine import STEP, EngineOptimizer, StateSpec, centralize, checks, scalar, sharded
 from stochopt.engine.layout import compute_dtype_for
 from stochopt.optim.common import bias_correction, ema_square_, heavy_ball_, l2_penalty
 
@@ -117,6 +117,7 @@ class Prodigy(EngineOptimizer):
     """
 
     _capturable = False  # the d estimate is read and decided on the host, once per step (see the docstring)
+    _whole_tensor_update = True  # sharded: each owner's sums, reduced over the processes (see _reduces)
 
     def __init__(
         self,
@@ -198,12 +199,13 @@ class Prodigy(EngineOptimizer):
         """One optimization step (see the class docstring); ``closure`` re-evaluates the model."""
         self._plan, self._fresh = None, set()
         try:
-            loss = super().step(closure)
-            if self._plan is None and self._reduces() and not any(p.grad is not None for p in self._all_params()):
-                self._estimate()  # a process without gradients (a ZeRO rank that owns none) joins the reduction
-            return loss
+            return super().step(closure)
         finally:
             self._plan, self._fresh = None, set()
+
+    def _finish_step(self) -> None:
+        if self._plan is None and self._reduces():
+            self._estimate()  # a process that stepped nothing (owns no shard's gradient) joins the reduction
 
     def _reduction_device(self) -> torch.device:
         """The params' device (NCCL reduces CUDA tensors); for a process without params, the backend's."""
@@ -221,8 +223,17 @@ class Prodigy(EngineOptimizer):
         """The estimate's sums are reduced over the processes (``fsdp_in_use``, or FSDP's flattened params)."""
         if not (dist.is_available() and dist.is_initialized()):
             return False
-        return bool(self.param_groups[0]["fsdp_in_use"]) or any(
-            hasattr(p, "_fsdp_flattened") for p in self._all_params()
+        params = self._all_params()
+        shards = [sharded.is_sharded(p) for p in params]
+        if any(shards) and not all(shards):
+            raise ValueError(
+                "Prodigy got sharded (DTensor) and plain parameters together: the estimate's sums are reduced over "
+                "the processes, which would count a plain (replicated) parameter once per process; shard them all"
+            )
+        return (
+            bool(self.param_groups[0]["fsdp_in_use"])
+            or any(shards)
+            or any(hasattr(p, "_fsdp_flattened") for p in params)
         )
 
     def _init_state(self, group: dict[str, Any], params: list[Tensor]) -> set[int]:

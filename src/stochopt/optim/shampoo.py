@@ -97,6 +97,7 @@ class Shampoo(EngineOptimizer):
     """
 
     _capturable = False  # its step loop decides on the host (matrix work per tensor)
+    _whole_tensor_update = True  # preconditioners of the whole matrix
 
     def __init__(
         self,

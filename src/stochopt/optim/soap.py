@@ -214,6 +214,7 @@ class SOAP(EngineOptimizer):
     """
 
     _capturable = False  # its step loop decides on the host (first step, basis refreshes: matrix work per tensor)
+    _whole_tensor_update = True  # the eigenbases of the whole matrix's factors
 
     def __init__(
         self,

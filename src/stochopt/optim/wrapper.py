@@ -25,13 +25,24 @@ def _inner(name: str) -> property:
 
 
 class OptimizerWrapper(Optimizer, metaclass=ABCMeta):
-    """Base of Lookahead and MasterWeights. Subclasses implement ``step``, ``_own_state`` (their entries of the
-    state_dict beside ``"optimizer"``) and ``_load_own_state``, and list the entries in ``_STATE_KEYS``."""
+    """Base of Lookahead and MasterWeights. Subclasses implement ``step``, ``_param_state`` / ``_group_state``
+    (their entries of the state_dict) and ``_load_own_state``, and name the entries in ``_PARAM_KEYS`` /
+    ``_GROUP_KEYS``.
+
+    The state_dict is torch.optim's own format: the inner optimizer's, with the wrapper's per-parameter tensors
+    (Lookahead's slow weights) added to each parameter's ``state`` entry and its scalars (Lookahead's k, alpha,
+    step) to every param group, as timm's Lookahead keeps them. So ``torch.distributed.checkpoint``'s
+    ``get_optimizer_state_dict``, accelerate and Lightning checkpoint a wrapper like any optimizer (sharded
+    tensors included). State dicts of the earlier nested format (``{"optimizer": inner, ...}``) still load
+    (``_from_nested``)."""
 
     param_groups = _inner("param_groups")
     defaults = _inner("defaults")
     state = _inner("state")
-    _STATE_KEYS: tuple[str, ...] = ()
+    _PARAM_KEYS: tuple[str, ...] = ()
+    _GROUP_KEYS: tuple[str, ...] = ()
+    #: the entries of the nested state_dict format, beside "optimizer"
+    _NESTED_KEYS: tuple[str, ...] = ()
 
     def __init__(self, optimizer: Optimizer) -> None:
         name = type(self).__name__
@@ -71,18 +82,30 @@ class OptimizerWrapper(Optimizer, metaclass=ABCMeta):
         self.optimizer.add_param_group(param_group)
 
     @abstractmethod
-    def _own_state(self) -> dict[str, Any]:
-        """The wrapper's entries of the state_dict, beside ``"optimizer"``."""
+    def _param_state(self) -> dict[int, dict[str, Tensor]]:
+        """The wrapper's tensors per parameter index (param-group order), keyed by ``_PARAM_KEYS``."""
+
+    def _group_state(self) -> dict[str, Any]:
+        """The wrapper's scalars, keyed by ``_GROUP_KEYS``, stored in every param group."""
+        return {}
 
     @abstractmethod
-    def _load_own_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """Check the subclass's entries and return the attributes to set once the inner state has loaded."""
+    def _load_own_state(self, tensors: dict[int, dict[str, Tensor]], scalars: dict[str, Any]) -> dict[str, Any]:
+        """Check the wrapper's entries and return the attributes to set once the inner state has loaded."""
+
+    def _from_nested(self, state_dict: dict[str, Any]) -> tuple[dict[int, dict[str, Tensor]], dict[str, Any]]:
+        """The wrapper's entries of a nested-format state_dict, as ``_load_own_state`` takes them."""
+        raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
-        """The inner optimizer's state_dict under ``"optimizer"``, beside the wrapper's own entries."""
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
-        sd = {"optimizer": self.optimizer.state_dict(), **self._own_state()}
+        sd = self.optimizer.state_dict()
+        state = dict(sd["state"])
+        for index, entries in self._param_state().items():
+            state[index] = {**state.get(index, {}), **entries}
+        scalars = self._group_state()
+        sd = {**sd, "state": state, "param_groups": [{**group, **scalars} for group in sd["param_groups"]]}
         for hook in self._optimizer_state_dict_post_hooks.values():
             sd = hook(self, sd) or sd
         return sd
@@ -90,20 +113,50 @@ class OptimizerWrapper(Optimizer, metaclass=ABCMeta):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = hook(self, state_dict) or state_dict
-        missing = [key for key in ("optimizer", *self._STATE_KEYS) if key not in state_dict]
-        if missing:
-            raise ValueError(f"state_dict was not saved by {type(self).__name__}: it lacks {missing}")
-        attributes = self._load_own_state(state_dict)
-        self.optimizer.load_state_dict(state_dict["optimizer"])
+        if "optimizer" in state_dict:  # the nested format of earlier versions
+            missing = [key for key in self._NESTED_KEYS if key not in state_dict]
+            if missing:
+                raise ValueError(f"state_dict was not saved by {type(self).__name__}: it lacks {missing}")
+            tensors, scalars = self._from_nested(state_dict)
+            inner = state_dict["optimizer"]
+        else:
+            tensors, scalars, inner = self._split(state_dict)
+        attributes = self._load_own_state(tensors, scalars)
+        self.optimizer.load_state_dict(inner)
         self.__dict__.update(attributes)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+    def _split(self, state_dict: dict[str, Any]) -> tuple[dict[int, dict[str, Tensor]], dict[str, Any], dict]:
+        """The wrapper's entries of a state_dict and the inner optimizer's state_dict without them."""
+        groups = state_dict.get("param_groups") or [{}]
+        missing = [key for key in self._GROUP_KEYS if key not in groups[0]]
+        if missing or "state" not in state_dict:
+            raise ValueError(
+                f"state_dict was not saved by {type(self).__name__}: its param groups lack {missing or ['state']}"
+            )
+        scalars = {key: groups[0][key] for key in self._GROUP_KEYS}
+        # state keys as the saved groups list them (indices; torch.distributed.checkpoint gives parameter names),
+        # to positions in param-group order
+        position = {key: i for i, key in enumerate(k for g in state_dict["param_groups"] for k in g["params"])}
+        tensors, state = {}, {}
+        for index, entry in state_dict["state"].items():
+            own = {k: v for k, v in entry.items() if k in self._PARAM_KEYS}
+            if own:
+                tensors[position.get(index, index)] = own
+            rest = {k: v for k, v in entry.items() if k not in self._PARAM_KEYS}
+            if rest:
+                state[index] = rest
+        inner_groups = [{k: v for k, v in g.items() if k not in self._GROUP_KEYS} for g in state_dict["param_groups"]]
+        return tensors, scalars, {**state_dict, "state": state, "param_groups": inner_groups}
 
 
 def indexed_tensors(saved: Any, params: list[Tensor], what: str) -> dict[Tensor, Tensor]:
     """``{index: tensor}`` from a state_dict checked against ``params`` (param-group order) and copied onto each
     parameter's device; the copy keeps the loaded tensors from aliasing a dict that may be loaded again."""
     out = {}
+    if not isinstance(saved, dict):
+        raise ValueError(f"state_dict: the {what}s must be a dict by parameter index, got {type(saved).__name__}")
     for index, tensor in saved.items():
         if not (isinstance(index, int) and 0 <= index < len(params)):
             raise ValueError(f"state_dict: {what} {index!r} has no parameter (this optimizer has {len(params)})")

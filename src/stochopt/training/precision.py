@@ -112,11 +112,12 @@ class MasterWeights(OptimizerWrapper):
     so the optimizer's state is float32 too. ``step()`` copies the model's gradients into float32 (freed again
     after the step), steps the masters, and writes them back rounded into the model's parameters. Float32
     parameters pass through untouched. ``param_groups`` are the inner optimizer's, so schedulers work; the
-    state_dict holds the masters beside the inner state. With a closure, it is evaluated once, before the
-    step (optimizers that re-evaluate it, such as L-BFGS, are not supported).
+    state_dict holds each master in its parameter's state (``master_weight``). With a closure, it is evaluated
+    once, before the step (optimizers that re-evaluate it, such as L-BFGS, are not supported).
     """
 
-    _STATE_KEYS = ("master_weights",)
+    _PARAM_KEYS = ("master_weight",)
+    _NESTED_KEYS = ("master_weights",)
 
     def __init__(self, optimizer: Optimizer) -> None:
         super().__init__(optimizer)
@@ -186,11 +187,17 @@ class MasterWeights(OptimizerWrapper):
                 else:
                     p.grad.zero_()
 
-    def _own_state(self) -> dict[str, Any]:
-        return {"master_weights": {i: p for i, p in enumerate(self._params()) if p in self._model_params}}
+    def _param_state(self) -> dict[int, dict[str, Tensor]]:
+        return {i: {"master_weight": p} for i, p in enumerate(self._params()) if p in self._model_params}
 
-    def _load_own_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        saved = indexed_tensors(state_dict["master_weights"], self._params(), "master weight")
+    def _from_nested(self, state_dict: dict[str, Any]) -> tuple[dict[int, dict[str, Tensor]], dict[str, Any]]:
+        masters = state_dict["master_weights"]
+        return ({i: {"master_weight": t} for i, t in masters.items()} if isinstance(masters, dict) else masters), {}
+
+    def _load_own_state(self, tensors: dict[int, dict[str, Tensor]], scalars: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(tensors, dict):
+            raise ValueError(f"state_dict: the master weights must be a dict by parameter index, got {tensors!r}")
+        saved = indexed_tensors({i: e["master_weight"] for i, e in tensors.items()}, self._params(), "master weight")
         for master in saved:
             if master not in self._model_params:
                 raise ValueError("state_dict: a master weight belongs to a parameter that is float32 here")
