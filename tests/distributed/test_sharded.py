@@ -128,17 +128,18 @@ def _model_cases(rank: int, world: int, mesh, out: dict) -> None:
 def _policy_cases(rank: int, world: int, mesh, out: dict) -> None:
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    for policy in ("skip", "raise"):
-        p = distribute_tensor(torch.ones(8, 3, dtype=torch.float64), mesh, [Shard(0)]).requires_grad_()
-        opt = stochopt.AdamW([p], lr=0.1, nonfinite=policy)
-        grad = torch.ones(8, 3, dtype=torch.float64)
-        grad[7, 0] = float("inf")  # in the last rank's shard only
-        p.grad = distribute_tensor(grad, mesh, [Shard(0)])
-        try:
-            opt.step()
-            out[("nonfinite", policy)] = ("skipped", opt.skipped_steps, p.full_tensor().eq(1).all().item())
-        except stochopt.engine.NonFiniteGradientError as err:
-            out[("nonfinite", policy)] = ("raised", str(err))
+    for name in ("adamw", "lamb"):  # elementwise (each rank checks its shard) and whole-tensor (the owner checks)
+        for policy in ("skip", "raise"):
+            p = distribute_tensor(torch.ones(8, 3, dtype=torch.float64), mesh, [Shard(0)]).requires_grad_()
+            opt = stochopt.create_optimizer(name, [p], lr=0.1, nonfinite=policy)
+            grad = torch.ones(8, 3, dtype=torch.float64)
+            grad[7, 0] = float("inf")  # in the last rank's shard only
+            p.grad = distribute_tensor(grad, mesh, [Shard(0)])
+            try:
+                opt.step()
+                out[("nonfinite", name, policy)] = ("skipped", opt.skipped_steps, p.full_tensor().eq(1).all().item())
+            except stochopt.engine.NonFiniteGradientError as err:
+                out[("nonfinite", name, policy)] = ("raised", str(err))
     # a plain and a sharded parameter in one group: elementwise and whole-tensor updates
     for name in ("adamw", "lamb", "prodigy"):
         full = make_params([(9, 4), (5,)])
@@ -333,10 +334,11 @@ def test_fully_sharded_model_trains_as_one_process(two, four, world: int, name: 
     assert max(per_rank) < single
 
 
-def test_nonfinite_policy_decides_alike_on_every_rank(two) -> None:
+@pytest.mark.parametrize("name", ["adamw", "lamb"])
+def test_nonfinite_policy_decides_alike_on_every_rank(two, name: str) -> None:
     for out in two:
-        assert out[("nonfinite", "skip")] == ("skipped", 1, True)
-        kind, message = out[("nonfinite", "raise")]
+        assert out[("nonfinite", name, "skip")] == ("skipped", 1, True)
+        kind, message = out[("nonfinite", name, "raise")]
         assert kind == "raised" and "holds inf or NaN" in message
 
 

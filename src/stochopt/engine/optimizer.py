@@ -262,25 +262,28 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
         whose state is the parameter's (engine/sharded.py); ``_collect`` hands it out instead of the parameter,
         and other ranks skip the parameter. ``self.sharded_bytes``: [sent, received] by this rank so far for
         these gathers and the scatters back."""
+        whole = [
+            (group, index, p)
+            for group in self.param_groups
+            for index, p in enumerate(group["params"])
+            if p.grad is not None and sharded.is_sharded(p) and self._whole_tensor(group, p)
+        ]
+        if not whole:  # nothing to gather: no attribute is touched (a step traced by torch.compile stays clean)
+            return
         self._stand_ins: dict[int, Tensor | None] = {}
         self._stand_in_for: dict[int, Tensor] = {}
         owners = self.__dict__.setdefault("_shard_owners", {})
-        for group in self.param_groups:
-            for index, p in enumerate(group["params"]):
-                if p.grad is None or not sharded.is_sharded(p) or not self._whole_tensor(group, p):
-                    continue
-                sharded.check_gatherable(type(self).__name__, index, p)
-                loads = self.__dict__.setdefault("_shard_loads", [0] * p.device_mesh.size())
-                owner = sharded.assign_owner(owners, loads, p)
-                moved = self.__dict__.setdefault("sharded_bytes", [0, 0])
-                full, full_grad = sharded.gather(p.detach(), owner, moved), sharded.gather(p.grad, owner, moved)
-                stand_in = None
-                if full is not None:
-                    stand_in = full
-                    stand_in.grad = full_grad
-                    self.state[stand_in] = self.state[p]
-                    self._stand_in_for[id(stand_in)] = p
-                self._stand_ins[id(p)] = stand_in
+        loads = self.__dict__.setdefault("_shard_loads", [0] * whole[0][2].device_mesh.size())
+        moved = self.__dict__.setdefault("sharded_bytes", [0, 0])
+        for _, index, p in whole:
+            sharded.check_gatherable(type(self).__name__, index, p)
+            owner = sharded.assign_owner(owners, loads, p)
+            full, full_grad = sharded.gather(p.detach(), owner, moved), sharded.gather(p.grad, owner, moved)
+            if full is not None:
+                full.grad = full_grad
+                self.state[full] = self.state[p]
+                self._stand_in_for[id(full)] = p
+            self._stand_ins[id(p)] = full
 
     def _owned_elsewhere(self, group: dict[str, Any], p: Tensor) -> bool:
         """``p`` is sharded and stepped whole by another rank (or not yet assigned: a fresh optimizer loading a
@@ -297,6 +300,8 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
         whose state of the parameter is that counter alone: every rank then saves the same ``step`` for it, and
         torch.distributed.checkpoint finds state for every parameter on every rank (it refuses a parameter with
         none), so that a checkpoint loads on any world size, whoever owns the parameter there."""
+        if getattr(self, "_stand_ins", None) is None:
+            return
         entries = [(g, p) for g in self.param_groups for p in g["params"] if id(p) in self._stand_ins]
         for _, p in entries:
             sharded.scatter(self._stand_ins[id(p)], p, self._shard_owners[id(p)], self.sharded_bytes)
@@ -313,8 +318,11 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
                     self.state[p]["step"] = torch.tensor(value, dtype=spec_dtype(STEP, p, None))
 
     def _release_stand_ins(self) -> None:
-        self.__dict__.pop("_stand_in_for", None)
-        for stand_in in self.__dict__.pop("_stand_ins", {}).values():
+        stand_ins = getattr(self, "_stand_ins", None)
+        if stand_ins is None:
+            return
+        del self._stand_ins, self._stand_in_for
+        for stand_in in stand_ins.values():
             if stand_in is not None:
                 del self.state[stand_in]
 
@@ -418,14 +426,17 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
 
     def _nonfinite_found(self, work: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]) -> bool:
         checked = [(group, params, grads) for group, params, grads in work if group["nonfinite"] and grads]
-        if not checked:
+        # sharded parameters: every rank joins the decision (one that holds no gradient to check included),
+        # because a non-finite value may sit in one rank's shard only and all must skip or raise alike
+        policed = [p for group, _, _ in work if group["nonfinite"] for p in group["params"]]
+        if not checked and not any(sharded.is_sharded(p) for p in policed):
             return False
         dense = [g.coalesce()._values() if g.is_sparse else g for _, _, grads in checked for g in grads]
-        norms = torch._foreach_norm([sharded.local(g) for g in dense], float("inf"))
-        found = not bool(torch.stack([n.to("cpu", torch.float32) for n in norms]).isfinite().all())
-        if not sharded.any_found(found, dense):  # sharded: one rank's shard may hold it, and all must skip
+        norms = torch._foreach_norm([sharded.local(g) for g in dense], float("inf")) if dense else []
+        found = bool(norms) and not bool(torch.stack([n.to("cpu", torch.float32) for n in norms]).isfinite().all())
+        if not sharded.any_found(found, policed):
             return False
-        if any(group["nonfinite"] == "raise" for group, _, _ in checked):
+        if any(group["nonfinite"] == "raise" for group, _, _ in work):
             first = next((f"gradient {i}" for i, n in enumerate(norms) if not torch.isfinite(n)), None)
             where = (
                 f"{first} (counting params with gradients, in group order)" if first else "a gradient on another rank"
