@@ -93,9 +93,10 @@ class OptimizerWrapper(Optimizer, metaclass=ABCMeta):
     def _load_own_state(self, tensors: dict[int, dict[str, Tensor]], scalars: dict[str, Any]) -> dict[str, Any]:
         """Check the wrapper's entries and return the attributes to set once the inner state has loaded."""
 
+    @abstractmethod
     def _from_nested(self, state_dict: dict[str, Any]) -> tuple[dict[int, dict[str, Tensor]], dict[str, Any]]:
-        """The wrapper's entries of a nested-format state_dict, as ``_load_own_state`` takes them."""
-        raise NotImplementedError
+        """The wrapper's entries of a nested-format state_dict (earlier versions), as ``_load_own_state`` takes
+        them."""
 
     def state_dict(self) -> dict[str, Any]:
         for hook in self._optimizer_state_dict_pre_hooks.values():
