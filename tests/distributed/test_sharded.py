@@ -163,6 +163,11 @@ def _policy_cases(rank: int, world: int, mesh, out: dict) -> None:
         stochopt.Muon([p], distributed=True)
     except ValueError as err:
         out["muon_distributed"] = str(err)
+    half = distribute_tensor(torch.ones(8, 3, dtype=torch.bfloat16), mesh, [Shard(0)]).requires_grad_()
+    try:
+        stochopt.training.MasterWeights(stochopt.AdamW([half]))
+    except ValueError as err:
+        out["master_weights"] = str(err)
 
 
 # ----- sharded checkpoints: written on 2 processes, resumed on 2 (bit-exact), on 4 and on 1 -----------------------
@@ -351,6 +356,8 @@ def test_sharded_and_plain_params_in_one_group(two) -> None:
 
 def test_refusals_name_the_reason(two, four) -> None:
     assert "drop distributed=True" in two[0]["muon_distributed"]
+    says = two[0]["master_weights"]
+    assert "torch.bfloat16 parameter of shape (8, 3) is sharded" in says and "MixedPrecisionPolicy" in says
     for out in four:
         assert out["mesh2d_adamw"] <= 1e-12
         assert "one-dimensional mesh" in out["mesh2d_lamb"] and "(2, 2)" in out["mesh2d_lamb"]

@@ -233,3 +233,45 @@ def test_capturable_keeps_the_step_counters_on_the_parameters_device() -> None:
             stochopt.Adam(params, capturable=True, **bad)
     with pytest.raises(ValueError, match="Shampoo does not support capturable=True"):
         stochopt.Shampoo(params, capturable=True)
+
+
+# the kernels as users compile them: the shipped bucket width, inductor's vectorized C++ (tests/conftest.py turns
+# both down for the rest of the suite): an elementwise kernel and a row/column (unflattened) one
+SHIPPED_KERNELS = """
+import json, sys, torch
+import stochopt
+from stochopt.engine import fused
+from torch._inductor import cpu_vec_isa
+stochopt.engine.EngineOptimizer.use_native_fused = False
+shapes = [(300, 256), (64, 48), (7, 5), (11,), (1,)]  # matrices and vectors: two graphs of the unflattened kernel
+out = {"width": fused.BUCKET_WIDTH, "vectorized": bool(cpu_vec_isa.pick_vec_isa())}
+for name in ("adamw", "adafactor"):
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    runs = []
+    for flags in ({"foreach": False}, {"fused": True}):
+        ps = [t.clone().requires_grad_() for t in start]
+        opt = stochopt.create_optimizer(name, ps, lr=1e-2, **flags)
+        for step in range(20):
+            g = torch.Generator().manual_seed(step)
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64) + p.detach()
+            opt.step()
+        runs.append(ps)
+    out[name] = max((a - b).abs().max().item() for a, b in zip(*runs))
+print(json.dumps(out))
+"""
+
+
+def test_the_shipped_vectorized_kernels_equal_the_loop() -> None:
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", SHIPPED_KERNELS], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["width"] == SHIPPED_BUCKET_WIDTH > 1
+    assert out["vectorized"], "this CPU has no vector ISA inductor uses: the shipped kernels are scalar here too"
+    for name in ("adamw", "adafactor"):
+        assert out[name] <= 1e-12, (name, out[name])

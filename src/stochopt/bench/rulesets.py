@@ -9,9 +9,10 @@
 Note that Optuna's QMCSampler draws a study's very first trial with its (seeded) independent sampler to learn the
 search space; the later trials follow the Sobol sequence.
 
-``jobs > 1`` runs trials in that many spawned worker processes; only this process writes to the storage. Several
-``stochopt bench`` processes (or machines, with a PostgreSQL URL) can share one storage: each asks Optuna for the
-next trial, so none is run twice. Timings are wall-clock: parallel jobs on a loaded machine slow each other down.
+``jobs > 1`` runs trials in that many worker processes (forked from a server that imported torch once); only this
+process writes to the storage. Several ``stochopt bench`` processes (or machines, with a PostgreSQL URL) can share
+one storage: each asks Optuna for the next trial, so none is run twice. Timings are wall-clock: parallel jobs on a
+loaded machine slow each other down.
 
 No trial can block the benchmark:
 
@@ -162,7 +163,13 @@ class _Workers:
     spawned for the next trial) and reported with the trial it held, which a pool of processes cannot tell."""
 
     def __init__(self) -> None:
-        self.context = multiprocessing.get_context("spawn")
+        # forked from a server that has imported torch and stochopt once, a worker (or the replacement of one that
+        # died) starts in a fraction of a second instead of several; spawned where there is no forkserver (Windows)
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            self.context = multiprocessing.get_context("forkserver")
+            self.context.set_forkserver_preload([__name__])
+        else:
+            self.context = multiprocessing.get_context("spawn")
         self.workers: list[_Worker] = []
 
     def submit(self, key: str, task: dict[str, Any]) -> None:

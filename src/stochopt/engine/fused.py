@@ -44,7 +44,8 @@ from stochopt.engine.update import apply_update, centralize
 _KERNELS: dict[tuple[Any, ...], Callable[..., None]] = {}
 
 #: Tensors per launch of a flattened kernel (see the module docstring).
-BUCKET_WIDTH = 4
+DEFAULT_BUCKET_WIDTH = 4
+BUCKET_WIDTH = DEFAULT_BUCKET_WIDTH  # a module attribute: tests (and users measuring) may set another
 
 
 #: inductor options for elementwise kernels. dynamic_threads: otherwise the C++ kernel's OpenMP decision is fixed

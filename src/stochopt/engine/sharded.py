@@ -19,26 +19,29 @@ Bytes moved per whole-tensor parameter of ``n`` elements and step: the owner rec
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # torch built without distributed
-    DTensor = ()  # type: ignore[assignment,misc]
+
+def _dtensor_class() -> type | None:
+    """``DTensor`` once its module is imported (whoever makes a DTensor imports it), None before, when no tensor
+    can be one: importing it here would add a second to every ``import stochopt``."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
 
 
 def is_sharded(t: Any) -> bool:
     """``t`` is a ``DTensor`` (a parameter of an FSDP2 module, or one the user distributed)."""
-    return isinstance(t, DTensor)
+    cls = _dtensor_class()
+    return cls is not None and isinstance(t, cls)
 
 
 def local(t: Tensor) -> Tensor:
     """The rank's own part of ``t`` (writing to it writes to ``t``); ``t`` itself when it is a plain tensor."""
-    return t._local_tensor if isinstance(t, DTensor) else t
+    return t._local_tensor if is_sharded(t) else t
 
 
 def local_state(state: dict[str, Any]) -> dict[str, Any]:

@@ -192,8 +192,9 @@ class Prodigy(EngineOptimizer):
 
     # ----- the step --------------------------------------------------------------------------------------------
     # Eager under torch.compile: the d estimate reads its sums on the host and decides there, and its Python floats
-    # (d, the step size) change every step, which a traced step would guard on and recompile for.
-    @torch.compiler.disable
+    # (d, the step size) change every step, which a traced step would guard on and recompile for. torch's lazy
+    # form of torch.compiler.disable (what torch.optim uses): importing dynamo here costs every import a second.
+    @torch._disable_dynamo
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         """One optimization step (see the class docstring); ``closure`` re-evaluates the model."""

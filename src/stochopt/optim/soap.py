@@ -301,7 +301,7 @@ class SOAP(EngineOptimizer):
     # Eager under torch.compile: traced matmuls round differently from eager ones, and the basis refresh is not
     # continuous where a factor is rank-deficient (the QR orthonormalizes rounding noise in its null space, as in
     # the authors' code), so a traced step would take another trajectory than the eager one; eager it is the same.
-    @torch.compiler.disable
+    @torch._disable_dynamo  # torch.compiler.disable, imported lazily (see Prodigy.step)
     def _step_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], fresh: set[int], amp: Any = None
     ) -> None:

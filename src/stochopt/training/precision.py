@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from stochopt.engine import sharded
 from stochopt.optim.wrapper import OptimizerWrapper, indexed_tensors
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -136,6 +137,15 @@ class MasterWeights(OptimizerWrapper):
     def _master_of(self, p: Tensor) -> Tensor:
         if p.dtype not in LOW_PRECISION:
             return p
+        if sharded.is_sharded(p):
+            # masters that are not the module's parameters would be invisible to torch.distributed.checkpoint,
+            # which maps optimizer state to parameter names; FSDP2 has this built in
+            raise ValueError(
+                f"MasterWeights: a {p.dtype} parameter of shape {tuple(p.shape)} is sharded (DTensor, FSDP2); keep "
+                "the sharded parameters in float32 and let FSDP2 compute in bfloat16 instead: fully_shard(module, "
+                "mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)); the "
+                "float32 shards are then the master weights, checkpointed with the optimizer"
+            )
         master = p.detach().to(torch.float32, copy=True).requires_grad_(p.requires_grad)
         self._model_params[master] = p
         return master
