@@ -159,8 +159,8 @@ class _Worker:
 
 
 class _Workers:
-    """Spawned worker processes, each running one trial at a time; a worker that dies is dropped (a new one is
-    spawned for the next trial) and reported with the trial it held, which a pool of processes cannot tell."""
+    """Worker processes, each running one trial at a time; a worker that dies is dropped (a new one is
+    started for the next trial) and reported with the trial it held, which a pool of processes cannot tell."""
 
     def __init__(self) -> None:
         # forked from a server that has imported torch and stochopt once, a worker (or the replacement of one that
