@@ -34,3 +34,12 @@ def test_lightning_example():
     result = load("lightning_digits").main(["--steps", "60"])
     assert result["steps"] == 60
     assert result["val_accuracy"] > 0.85
+
+
+def test_lean_state_example_runs_every_configuration():
+    result = load("lean_state").main(
+        ["--workloads", "digits_mlp", "--steps", "20", "--seeds", "1", "--speed-params", "0"]
+    )
+    losses = result["quality"]["digits_mlp"]
+    assert set(losses) == set(load("lean_state").CONFIGS)
+    assert all(0 < loss[0] < 2.5 for loss in losses.values())  # 20 steps from ln(10) = 2.30: finite and learning

@@ -209,7 +209,7 @@ def _schedule(args: argparse.Namespace) -> int:
 
 
 def _memory(args: argparse.Namespace) -> int:
-    from stochopt.memory import GPT2, Transformer, compare, format_table, plot_memory
+    from stochopt.memory import GPT2, Transformer, compare, format_table, lean_options, plot_memory
 
     if args.input_shape and not args.module:
         raise UsageError("--input-shape needs --module (the shape of that module's example input)")
@@ -231,11 +231,15 @@ def _memory(args: argparse.Namespace) -> int:
                 source["example_input"] = torch.zeros(args.input_shape)
         else:
             source["num_params"] = args.params
-        estimates = compare(
-            _names(args.optimizer, "--optimizer"), precision=args.precision, devices=args.devices,
-            zero_stage=args.zero, checkpointing=args.checkpointing, flash_attention=args.flash_attention,
+        common = dict(
+            devices=args.devices, zero_stage=args.zero, checkpointing=args.checkpointing,
+            flash_attention=args.flash_attention,
             bucket_bytes=None if args.bucket_mb is None else max(1, int(args.bucket_mb * 2**20)), **source,
         )  # fmt: skip
+        if args.lean:
+            estimates = lean_options(**common)
+        else:
+            estimates = compare(_names(args.optimizer, "--optimizer"), precision=args.precision, **common)
     print(format_table(estimates))
     if args.png:
         plot_memory(estimates, args.png)
@@ -515,6 +519,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_mem.add_argument("--flash-attention", action="store_true")
     p_mem.add_argument("--bucket-mb", type=_number(0, above=True),
                        help="all-reduce bucket in MiB (default: one fused fp32 buffer)")  # fmt: skip
+    p_mem.add_argument("--lean", action="store_true",
+                       help="Adam's memory-lean options side by side: 8-bit state, bf16 weights with "
+                            "stochastic rounding or compensation, the step in backward (ignores --optimizer, "
+                            "--precision)")  # fmt: skip
     p_mem.add_argument("--png", metavar="PATH", type=_output_file, help="write a stacked bar chart")
     p_mem.set_defaults(func=_memory)
 

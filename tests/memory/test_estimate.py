@@ -165,3 +165,60 @@ def test_cli_compares_optimizers_and_plots(tmp_path, capsys):
     assert main(["memory", "--params", "1.5e9"]) == 0
     assert "24.000 GB" in capsys.readouterr().out
     assert main(["memory", "--module", "tests.memory.test_estimate:Net", "--optimizer", "nope"]) == 2
+
+
+class WideNet(nn.Module):
+    """Tensors of more and fewer than 4096 values: 8-bit moments for the first, float32 for the others."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(300, 20)  # 6000 values: three blocks of 2048, the last partial
+        self.head = nn.Linear(20, 5)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(ids)).mean()
+
+
+@pytest.mark.parametrize("name", ["adam", "lion", "sgd", "adagrad", "rmsprop", "ademamix"])
+@pytest.mark.parametrize(
+    "dtype, storage",
+    [
+        (torch.float32, {"state_dtype": "int8"}),
+        (torch.bfloat16, {"state_dtype": "int8", "weight_rounding": "stochastic"}),
+        (torch.bfloat16, {"state_dtype": "int8", "weight_rounding": "compensated"}),
+        (torch.bfloat16, {"weight_rounding": "compensated"}),
+    ],
+    ids=["int8", "int8-sr", "int8-kahan", "kahan"],
+)
+def test_lean_storage_is_exact(name, dtype, storage):
+    torch.manual_seed(0)
+    model = WideNet().to(dtype)
+    hp = {**CONTRACT_HP[name], **storage}
+    if name in ("sgd", "rmsprop"):
+        hp["momentum"] = 0.9
+    precision = "fp32" if dtype == torch.float32 else "bf16"
+    est = estimate(name, module=model, precision=precision, hyperparameters=hp)
+    opt = stochopt.create_optimizer(name, model.parameters(), **hp)
+    model(torch.arange(20).view(2, 10)).backward()
+    opt.step()
+    assert est.optimizer_state == sum(t.nbytes for s in opt.state.values() for t in s.values())
+    codes = {name for name, t in opt.state[model.embed.weight].items() if t.dtype == torch.uint8}
+    assert bool(codes) == ("state_dtype" in storage)  # 8-bit moments for the large tensor only
+    assert not any(t.dtype == torch.uint8 for t in opt.state[model.head.weight].values())
+
+
+def test_the_lean_table_for_gpt2(capsys):
+    """Bytes of model states a parameter, GPT-2 small: 16 for float32 and for mixed-precision Adam, about 10
+    with 8-bit moments and masters, about 6 with bfloat16 weights and stochastic rounding (2 + 2 + 2), 8 with a
+    compensation buffer; in backward the gradients held are the largest parameter's (the embedding)."""
+    from stochopt.memory import lean_options
+
+    rows = {e.optimizer: e for e in lean_options(transformer=GPT2["gpt2"])}
+    per_param = {label: e.model_states / e.num_params for label, e in rows.items()}
+    assert per_param["fp32 Adam"] == per_param["mixed Adam"] == pytest.approx(16, abs=1e-4)  # + step counters
+    assert 10 < per_param["mixed 8-bit Adam"] < 10.02
+    assert 6 < per_param["bf16+SR 8-bit Adam"] < 6.02
+    assert 8 < per_param["bf16+Kahan 8-bit"] < 8.02
+    assert rows["bf16+SR 8-bit, in bwd"].grads == 50257 * 768 * 2
+    assert main(["memory", "--lean", "--transformer", "gpt2"]) == 0
+    assert "bf16+SR 8-bit Adam" in capsys.readouterr().out

@@ -1,5 +1,6 @@
 """Mixed precision: bfloat16 weights with float32 masters track float32 training where pure bfloat16 drifts;
-the memory report; resume; the float16 loss-scaling path (run on the CPU)."""
+the memory report; resume; the float16 loss-scaling path (run on the CPU); micro-batch gradients summed in
+float32 (accumulate_in_float32) against a float64 sum and an independent loop."""
 
 from __future__ import annotations
 
@@ -108,9 +109,10 @@ def test_resume_is_bit_exact_and_schedulers_work():
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5**3)
 
 
-def test_float16_loss_scaling_skips_overflowing_steps():
+@pytest.mark.parametrize("accumulate", [False, True], ids=["half-grads", "float32-grads"])
+def test_float16_loss_scaling_skips_overflowing_steps(accumulate):
     model = make_model().half()
-    opt = MasterWeights(torch.optim.SGD(model.parameters(), lr=0.05))
+    opt = MasterWeights(torch.optim.SGD(model.parameters(), lr=0.05), accumulate_in_float32=accumulate)
     mp = MixedPrecision("cpu", dtype=torch.float16)
     assert mp.scaler.is_enabled()
     start = loss_of(model).item()
@@ -119,13 +121,14 @@ def test_float16_loss_scaling_skips_overflowing_steps():
         with mp.autocast():
             loss = loss_of(model)
         mp.backward(loss)
-        if step == 10:
-            model[0].weight.grad[0, 0] = float("inf")
+        if step == 10:  # under accumulate_in_float32 the scaled gradient is already in the master's .grad
+            (opt.master_parameters()[0] if accumulate else model[0].weight).grad[0, 0] = float("inf")
             before, scale = flat(model), mp.scaler.get_scale()
         mp.unscale_(opt)
         mp.step(opt)
         if step == 10:
             assert torch.equal(flat(model), before) and mp.scaler.get_scale() == scale / 2
+        assert all(m.grad is None for m in opt.master_parameters())  # freed after a skipped step too
     reference = make_model()  # float32, 39 steps: the overflowing step did not count
     train(reference, torch.optim.SGD(reference.parameters(), lr=0.05), 39)
     assert loss_of(model).item() < 0.75 * start
@@ -147,6 +150,11 @@ def test_bfloat16_autocast_on_cpu_needs_no_scaler():
         (lambda: MasterWeights(torch.optim.SGD), TypeError, "the class SGD"),
         (lambda: MasterWeights(torch.optim.SGD(make_model().parameters(), lr=0.1)), ValueError, "no bfloat16"),
         (lambda: MixedPrecision("tpu"), ValueError, "device_type"),
+        (
+            lambda: MasterWeights(torch.optim.SGD(make_model().bfloat16().parameters()), accumulate_in_float32=1),
+            TypeError,
+            "accumulate_in_float32 must be a bool, got 1",
+        ),
         (lambda: MixedPrecision("cpu", dtype=torch.float64), ValueError, "dtype"),
     ],
 )
@@ -161,3 +169,106 @@ def test_wrapping_after_the_first_step_is_refused():
     train(model, inner, 1)
     with pytest.raises(ValueError, match="before its first step"):
         MasterWeights(inner)
+
+
+def micro_batch_grads(model, batches) -> list[list[torch.Tensor]]:
+    """Each micro-batch's gradient on its own, as a fresh backward computes it (bfloat16 for a bfloat16 model)."""
+    return [torch.autograd.grad(loss, list(model.parameters())) for loss in (loss_fn(model, b) for b in batches)]
+
+
+def loss_fn(model, batch) -> torch.Tensor:
+    x, y = batch
+    return nn.functional.mse_loss(model(x.bfloat16()).float(), y) / 4
+
+
+BATCHES = list(zip(X.split(64), Y.split(64)))  # 4 micro-batches of 64
+
+
+def test_float32_accumulation_keeps_what_a_bfloat16_sum_rounds_away():
+    # micro-batch gradients 1, 2^-9, 2^-9, 2^-9: each 1 + 2^-9 is below half a bfloat16 ulp of 1 (2^-8)
+    inputs = [torch.ones(1, 4)] + [torch.full((1, 4), 2.0**-9)] * 3
+    results = {}
+    for accumulate in (False, True):
+        model = nn.Linear(4, 1, bias=False).bfloat16()
+        opt = MasterWeights(torch.optim.SGD(model.parameters(), lr=0.1), accumulate_in_float32=accumulate)
+        for x in inputs:
+            model(x.bfloat16()).sum().backward()
+        assert (model.weight.grad is None) == accumulate
+        opt.pull_gradients()
+        results[accumulate] = opt.master_parameters()[0].grad
+    assert torch.equal(results[False], torch.ones(1, 4))  # the old behaviour: three micro-batches lost
+    assert torch.equal(results[True], torch.full((1, 4), 1 + 3 * 2.0**-9))
+
+
+def test_float32_accumulated_gradient_is_the_float64_sum_of_the_micro_batches():
+    model = make_model().bfloat16()
+    reference = [sum(g.double() for g in gs) for gs in zip(*micro_batch_grads(model, BATCHES))]
+    summed = {}
+    for accumulate in (False, True):
+        opt = MasterWeights(torch.optim.SGD(model.parameters(), lr=0.1), accumulate_in_float32=accumulate)
+        for batch in BATCHES:
+            loss_fn(model, batch).backward()
+        opt.pull_gradients()
+        summed[accumulate] = [m.grad.double() for m in opt.master_parameters()]
+        if accumulate:
+            assert all(p.grad is None for p in model.parameters()) and all(
+                m.grad.dtype == torch.float32 for m in opt.master_parameters()
+            )
+            # the model's parameters hold no gradient: clip the masters
+            norm = stochopt.training.clip_gradients(opt.master_parameters(), max_norm=1e9).norm
+            assert norm.item() == pytest.approx(torch.cat([g.flatten() for g in reference]).norm().item(), rel=1e-6)
+            assert stochopt.training.clip_gradients(model.parameters(), max_norm=1e9).norm.item() == 0.0
+        opt.zero_grad()
+        opt.remove_hooks()
+    scale = max(g.abs().max().item() for g in reference)
+    for got, want in zip(summed[True], reference):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7 * scale)
+    # bfloat16 partial sums: errors of a bfloat16 ulp, far outside float32's tolerance (measured: 3.5e-3 of the
+    # largest entry, where the float32 sum is exact)
+    error = max((got - want).abs().max().item() for got, want in zip(summed[False], reference))
+    assert error > 1e-3 * scale
+
+
+def test_training_with_float32_accumulation_equals_an_independent_loop():
+    model = make_model().bfloat16()
+    replica = copy.deepcopy(model)  # the loop's bfloat16 model: its weights are set from the loop's masters
+    opt = MasterWeights(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), accumulate_in_float32=True)
+    masters = [p.detach().float() for p in replica.parameters()]
+    momentum = [None] * len(masters)
+    for step in range(25):
+        batches = BATCHES[step % 2 :] + BATCHES[: step % 2]  # the order of the micro-batches changes
+        opt.zero_grad()
+        for batch in batches:
+            loss_fn(model, batch).backward()
+        opt.step()
+        # the loop: each micro-batch's bfloat16 gradient in float32, summed in order; torch's SGD momentum
+        grads = zip(*micro_batch_grads(replica, batches))
+        with torch.no_grad():
+            for i, (w, gs) in enumerate(zip(masters, grads)):
+                g = sum((g.float() for g in gs[1:]), gs[0].float())
+                momentum[i] = g.clone() if momentum[i] is None else momentum[i].mul_(0.9).add_(g)
+                w.add_(momentum[i], alpha=-0.05)
+            for p, w in zip(replica.parameters(), masters):
+                p.copy_(w)
+    start = flat(make_model())
+    assert (torch.cat([w.flatten() for w in masters]) - start).norm() > 0.1
+    for got, want in zip(opt.master_parameters(), masters):
+        assert torch.equal(got, want)  # the same float32 operations in the same order
+    assert torch.equal(flat(model), flat(replica))
+
+
+def test_memory_of_float32_accumulation():
+    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 256)).bfloat16()
+    n = sum(p.numel() for p in model.parameters())
+    opt = MasterWeights(torch.optim.Adam(model.parameters(), lr=1e-3), accumulate_in_float32=True)
+    for _ in range(2):
+        model(torch.ones(8, 256, dtype=torch.bfloat16)).sum().backward()
+    held = sum(m.grad.nbytes for m in opt.master_parameters()) + sum(
+        p.grad.nbytes for p in model.parameters() if p.grad is not None
+    )
+    opt.step()
+    memory = opt.memory()
+    assert held == memory.grads == 4 * n  # between backward and step: the float32 sums, no bfloat16 gradient
+    assert (memory.params, memory.master_weights, memory.step_buffers) == (2 * n, 4 * n, 0)
+    assert memory.peak == memory.total and 18.0 <= memory.bytes_per_param < 18.01  # 16 + 4 at the old step's peak
+    assert all(m.grad is None for m in opt.master_parameters())

@@ -39,7 +39,7 @@ import torch
 import torch.fx.experimental._config as fx_config
 from torch import Tensor
 
-from stochopt.engine.update import apply_update, centralize
+from stochopt.engine.update import PLAIN, Storage, apply_update, centralize
 
 _KERNELS: dict[tuple[Any, ...], Callable[..., None]] = {}
 
@@ -85,19 +85,23 @@ def fused_kernel(
     *,
     compute_dtype: torch.dtype,
     amp: bool = False,
+    storage: Storage = PLAIN,
 ) -> Callable[[list[Tensor], list[Tensor], dict[str, list[Tensor]], Tensor, Tensor | None], None]:
     """The compiled kernel ``kernel(ps, gs, states, coefs, amp)`` for ``update`` with these static options:
     ``states`` maps each state name to a list beside ``ps``; ``coefs`` has one row per tensor, of
     ``coefficient_dtype(compute_dtype)``; ``amp`` is ``[1 / grad_scale, found_inf]`` or None (then ``amp=False``).
     ``staged``: ``update`` calls ``stage_boundary()`` (one kernel per stage); ``centralized``: the kernel first
     centralizes g (gradient centralization), every tensor arriving with its rows, as ``(rows, -1)`` or in its own
-    shape. ``compute_dtype``: the dtype the math runs in (engine/update.py ``apply_update``)."""
+    shape. ``compute_dtype``: the dtype the math runs in, ``storage``: how state and weights are stored
+    (engine/update.py ``apply_update``)."""
     options = ELEMENTWISE_OPTIONS if options is None else options
     key = (update, tuple(sorted(flags.items())), coef_names, maximize, tuple(sorted(options.items())))
-    key += (staged, centralized, compute_dtype, amp)
+    key += (staged, centralized, compute_dtype, amp, storage)
     kernel = _KERNELS.get(key)
     if kernel is None:
-        kernel = _compile(update, dict(flags), coef_names, maximize, options, staged, centralized, compute_dtype)
+        kernel = _compile(
+            update, dict(flags), coef_names, maximize, options, staged, centralized, compute_dtype, storage
+        )
         _KERNELS[key] = kernel
     return kernel
 
@@ -113,6 +117,7 @@ def update_bucket(
     coefficients: list[dict[str, Any]],
     amp: Tensor | None,
     centralized: bool = False,
+    storage: Storage = PLAIN,
 ) -> None:
     """The update of tensors ``ps`` (``coefficients[i]`` for ``ps[i]``), written once for every path that runs
     whole buckets as tensor code: the compiled kernel's body, a step traced by the user's ``torch.compile``, and
@@ -123,13 +128,13 @@ def update_bucket(
         if centralized:
             g = centralize(g.to(compute_dtype))
         if amp is None:
-            apply_update(update, p, g, state, c, flags, maximize, compute_dtype)
+            apply_update(update, p, g, state, c, flags, maximize, compute_dtype, storage)
             continue
         # unscale, update, and where found_inf is set write back what was read: in one kernel this costs no
         # traffic (the old values are in registers), and the host never reads found_inf
         written = [p, *state.values()]
         before = [t.clone() for t in written]
-        apply_update(update, p, g * amp[0].to(g.dtype), state, c, flags, maximize, compute_dtype)
+        apply_update(update, p, g * amp[0].to(g.dtype), state, c, flags, maximize, compute_dtype, storage)
         for t, old in zip(written, before):
             t.copy_(torch.where(amp[1] > 0, old, t))
 
@@ -143,12 +148,13 @@ def _compile(
     staged: bool,
     centralized: bool,
     compute_dtype: torch.dtype,
+    storage: Storage,
 ) -> Callable[..., None]:
     def kernel(
         ps: list[Tensor], gs: list[Tensor], states: dict[str, list[Tensor]], coefs: Tensor, amp: Tensor | None
     ) -> None:
         rows = [dict(zip(coef_names, row.unbind(0))) for row in coefs.unbind(0)]
-        update_bucket(update, flags, maximize, compute_dtype, ps, gs, states, rows, amp, centralized)
+        update_bucket(update, flags, maximize, compute_dtype, ps, gs, states, rows, amp, centralized, storage)
 
     # Dynamo keeps its compiled graphs (and its recompile limit) per code object. A fresh code object per
     # kernel keeps the variants of many optimizers from sharing one cache and hitting that limit.

@@ -7,18 +7,20 @@ reads it; there is no second list of state to keep in sync.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
+
+from stochopt.engine import storage
 
 #: A named shape rule, or a function of the parameter's shape giving the state tensor's shape (the blocks of
 #: Shampoo's preconditioners, the factor diagonals of AdaFisher): the estimator reads either the same way.
 ShapeRule = Callable[[torch.Size], tuple[int, ...]]
 Shape = Literal["param", "scalar", "row", "col"] | ShapeRule
-DType = Literal["state", "param", "scalar"]
-Applies = Literal["all", "matrix", "vector"]
+DType = Literal["state", "param", "scalar", "codes", "absmax"]
+Applies = Literal["all", "matrix", "vector", "blocks"]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -36,6 +38,10 @@ class StateSpec:
         for float16/bfloat16 parameters unless ``state_dtype`` says otherwise), ``"param"`` the parameter's dtype,
         ``"scalar"`` torch.optim's dtype for scalar state (float64 when the default dtype is float64, else float32).
         ``init``: the value the tensor starts from, or ``"param"`` for a copy of the parameter.
+        ``quantize``: the tensor is a moment that ``state_dtype="int8"`` stores as 8-bit codes with the
+        ``"signed"`` or (non-negative moments) the ``"unsigned"`` map (engine/storage.py); ``stored_layout``
+        then turns it into a ``"codes"`` tensor (uint8 for parameters of ``storage.MIN_NUMEL`` values or more,
+        else the state dtype) and an ``"absmax"`` tensor of block scales (``applies="blocks"``: only there).
     """
 
     name: str
@@ -43,24 +49,75 @@ class StateSpec:
     dtype: DType = "state"
     init: float | Literal["param"] = 0.0
     applies: Applies = "all"
+    quantize: Literal["signed", "unsigned"] | None = None
 
     def applies_to(self, param: Tensor) -> bool:
         if self.applies == "all":
             return True
+        if self.applies == "blocks":
+            return storage.quantized_param(param)
         return (param.dim() > 1) == (self.applies == "matrix")
 
 
 STEP = StateSpec("step", shape="scalar", dtype="scalar")
 
 
-def state_dtype_for(param: Tensor, state_dtype: torch.dtype | None) -> torch.dtype:
-    """The dtype of ``"state"`` tensors for ``param``: float32 for low-precision params unless overridden."""
-    if state_dtype is not None:
+def stored_layout(specs: tuple[StateSpec, ...], group: dict[str, Any]) -> tuple[StateSpec, ...]:
+    """The tensors the engine keeps for a layout under the group's storage options: under
+    ``state_dtype="int8"`` each quantizable moment as codes and block scales, and with
+    ``weight_rounding="compensated"`` a bfloat16 ``compensation`` buffer per parameter (engine/storage.py)."""
+    stored: list[StateSpec] = []
+    for spec in specs:
+        if spec.quantize is None or group.get("state_dtype") != storage.INT8:
+            stored.append(spec)
+            continue
+        scales = StateSpec(storage.absmax_name(spec.name), storage.block_count, "absmax", abs(spec.init), "blocks")
+        stored += [replace(spec, dtype="codes"), scales]
+    if group.get("weight_rounding") == "compensated":
+        stored.append(StateSpec("compensation", dtype="param"))
+    if group.get("weight_rounding") == "stochastic" and STEP not in stored:
+        stored.insert(0, STEP)  # the random bits of each step are drawn by the step's number
+    return tuple(stored)
+
+
+def convert_saved(specs: tuple[StateSpec, ...], param: Tensor, saved: dict[str, Any]) -> dict[str, Any]:
+    """A parameter's saved state in the form ``specs`` (a stored layout) keeps: float moments saved by an
+    optimizer without ``state_dtype="int8"`` are encoded where this one keeps codes, codes decoded (to float32)
+    where it keeps floats; a missing ``compensation`` starts at zero, an unused one is dropped. So a checkpoint
+    loads across the storage options; within one, nothing changes (resume is bit-exact)."""
+    out = dict(saved)
+    names = {spec.name for spec in specs}
+    for spec in specs:
+        if spec.quantize is None or spec.name not in out:
+            continue
+        scale, signed = storage.absmax_name(spec.name), spec.quantize == "signed"
+        wants_codes = spec.dtype == "codes" and storage.quantized_param(param)
+        has_codes = out[spec.name].dtype == torch.uint8
+        if wants_codes and not has_codes:
+            out[spec.name], out[scale] = storage.quantize(out[spec.name].to(torch.float32), signed)
+        elif has_codes and not wants_codes:
+            out[spec.name] = storage.dequantize(out[spec.name], out.pop(scale), signed, torch.float32)
+    if "compensation" in names and "compensation" not in out and out:
+        out["compensation"] = torch.zeros_like(param)
+    if "compensation" not in names:
+        out.pop("compensation", None)
+    return out
+
+
+def quantized_moments(specs: tuple[StateSpec, ...]) -> tuple[tuple[str, bool], ...]:
+    """(name, signed) of the moments ``stored_layout`` keeps as codes."""
+    return tuple((spec.name, spec.quantize == "signed") for spec in specs if spec.dtype == "codes")
+
+
+def state_dtype_for(param: Tensor, state_dtype: torch.dtype | str | None) -> torch.dtype:
+    """The dtype of ``"state"`` tensors for ``param``: float32 for low-precision params unless overridden
+    (``"int8"`` overrides only the quantized moments: the rest keeps the default)."""
+    if isinstance(state_dtype, torch.dtype):
         return state_dtype
     return torch.float32 if param.dtype in LOW_PRECISION else param.dtype
 
 
-def compute_dtype_for(param: Tensor, state_dtype: torch.dtype | None) -> torch.dtype:
+def compute_dtype_for(param: Tensor, state_dtype: torch.dtype | str | None) -> torch.dtype:
     """The dtype the update's math runs in for ``param``: ``promote_types(param dtype, state dtype)``.
 
     The state dtype is a storage format: state of another dtype is read into the compute dtype, updated there
@@ -71,7 +128,11 @@ def compute_dtype_for(param: Tensor, state_dtype: torch.dtype | None) -> torch.d
     return torch.promote_types(param.dtype, state_dtype_for(param, state_dtype))
 
 
-def spec_dtype(spec: StateSpec, param: Tensor, state_dtype: torch.dtype | None) -> torch.dtype:
+def spec_dtype(spec: StateSpec, param: Tensor, state_dtype: torch.dtype | str | None) -> torch.dtype:
+    if spec.dtype == "codes" and storage.quantized_param(param):
+        return torch.uint8
+    if spec.dtype == "absmax":
+        return torch.float32
     if spec.dtype == "scalar":
         return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
     if spec.dtype == "param":
@@ -98,10 +159,13 @@ def applicable(specs: tuple[StateSpec, ...], param: Tensor) -> tuple[StateSpec, 
 
 
 def new_state_tensor(
-    spec: StateSpec, param: Tensor, state_dtype: torch.dtype | None, scalar_on_device: bool = False
+    spec: StateSpec, param: Tensor, state_dtype: torch.dtype | str | None, scalar_on_device: bool = False
 ) -> Tensor:
     """``scalar_on_device``: a ``"scalar"`` tensor (a step counter) on the parameter's device, not the CPU."""
     dtype = spec_dtype(spec, param, state_dtype)
+    if dtype == torch.uint8:  # 8-bit codes of a tensor filled with init (its scale is abs(init))
+        code = storage.init_code(spec.quantize == "signed", float(spec.init))
+        return torch.full(param.shape, code, dtype=dtype, device=param.device)
     if spec.init == "param":
         return param.detach().to(dtype, copy=True, memory_format=torch.preserve_format)
     if spec.shape == "scalar":
@@ -111,7 +175,7 @@ def new_state_tensor(
     return torch.full(spec_shape(spec, param), spec.init, dtype=dtype, device=param.device)
 
 
-def state_nbytes(specs: tuple[StateSpec, ...], param: Tensor, state_dtype: torch.dtype | None) -> int:
+def state_nbytes(specs: tuple[StateSpec, ...], param: Tensor, state_dtype: torch.dtype | str | None) -> int:
     """Bytes of the state the layout creates for ``param`` (what the memory estimator adds up)."""
     total = 0
     for spec in applicable(specs, param):

@@ -34,19 +34,22 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from stochopt.engine import checks, fused, scalars, sharded
+from stochopt.engine import checks, fused, scalars, sharded, storage
 from stochopt.engine.fused import coefficient_dtype, fused_kernel, update_bucket
 from stochopt.engine.layout import (
     STEP,
     StateSpec,
     applicable,
     compute_dtype_for,
+    convert_saved,
     new_state_tensor,
+    quantized_moments,
     spec_dtype,
     state_dtype_for,
+    stored_layout,
 )
 from stochopt.engine.tensorlist import TensorList
-from stochopt.engine.update import apply_update, centralize
+from stochopt.engine.update import PLAIN, Storage, apply_update, centralize
 
 NONFINITE_POLICIES = (None, "skip", "raise")
 
@@ -67,6 +70,8 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "fused": None,
     "nonfinite": None,
     "state_dtype": None,
+    "weight_rounding": None,
+    "rounding_seed": 0,
     "centralize_gradients": False,
     "cautious": False,
     "capturable": False,
@@ -118,6 +123,9 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
     #: does matrix work: sharded (DTensor) parameters are gathered to an owning rank and stepped whole there
     #: (engine/sharded.py); False: elementwise, stepped on each rank's local shard
     _whole_tensor_update: bool = False
+    #: every write of a parameter goes through ``apply_update`` (or ``_apply_update``), so ``weight_rounding``
+    #: reaches it; False for optimizers that also move parameters themselves (Schedule-Free's train/eval)
+    _rounding_supported: bool = True
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         defaults = {**ENGINE_DEFAULTS, **defaults}
@@ -170,6 +178,7 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
             param_group.setdefault(key, value)
         self._validate_engine_options(param_group)
         self._validate(param_group)
+        self._validate_storage(param_group)
         self._init_group(param_group)
         super().add_param_group(param_group)
 
@@ -193,17 +202,23 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
                 f"{len(self.param_groups)}"
             )
         saved_by_param = {}
-        for saved_group, group in zip(saved_groups, self.param_groups):
-            merged = {**self.defaults, **saved_group}
-            layout = self._layout(merged)
+        state_dict = {**state_dict, "state": dict(state_dict["state"])}  # the caller's dict stays as it was
+        own = [_storage_options(group) for group in self.param_groups]
+        for saved_group, group, options in zip(saved_groups, self.param_groups, own):
+            merged = {**self.defaults, **saved_group, **options}
+            layout = self._stored_layout(merged)
             for index, param in zip(saved_group["params"], group["params"]):
                 saved = state_dict["state"].get(index)
+                if saved:  # saved under other storage options (8-bit or float moments, compensation)
+                    saved = state_dict["state"][index] = convert_saved(applicable(layout, param), param, saved)
                 if saved and set(saved) == {"step"} and self._owned_elsewhere(merged, param):
                     continue  # a sharded whole tensor that another rank steps: its step counter alone
                 if saved:
                     checks.check_loaded_state(type(self).__name__, applicable(layout, param), index, param, saved)
                     saved_by_param[param] = (saved, layout, merged)
         super().load_state_dict(state_dict)
+        for group, options in zip(self.param_groups, own):
+            group.update(options)
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
         # torch.optim casts floating state to the param's dtype; restore the dtypes the layout asks for
         # (float32 moments of bfloat16 params) from the saved tensors, so that resume is bit-exact.
@@ -345,10 +360,69 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
         if group["centralize_gradients"] and p.dim() > 1:
             g = centralize(g.to(compute_dtype))
         state = self.state[p]
-        tensors = {s.name: state[s.name] for s in applicable(self._layout(group), p) if s.shape != "scalar"}
-        apply_update(update, p, g, tensors, c, flags or {}, group["maximize"], compute_dtype)
+        layout = self._stored_layout(group)
+        tensors = {s.name: state[s.name] for s in applicable(layout, p) if s.shape != "scalar"}
+        storage_ = self._storage(group, layout, p)
+        if storage_.weights == "stochastic":
+            index = next(i for i, q in enumerate(group["params"]) if q is self._parameter_of(p))
+            step = float(state["step"]) if "step" in state else 1.0
+            c = {**c, "rounding_salt": storage.rounding_salt(group["rounding_seed"], index, step)}
+        apply_update(update, p, g, tensors, c, flags or {}, group["maximize"], compute_dtype, storage_)
+
+    def _stored_layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
+        """The tensors kept per parameter: the layout under the group's storage options (8-bit moments,
+        compensation buffers; engine/layout.py ``stored_layout``)."""
+        return stored_layout(self._layout(group), group)
+
+    def _storage(self, group: dict[str, Any], layout: tuple[StateSpec, ...], p: Tensor) -> Storage:
+        quantized = quantized_moments(applicable(layout, p))
+        weights = group["weight_rounding"] if group["weight_rounding"] != "nearest" else None
+        return Storage(quantized, weights) if quantized or weights else PLAIN
+
+    def _rounding_salts(self, group: dict[str, Any], ps: list[Tensor], step: Any) -> Tensor:
+        """Stochastic rounding: one salt per parameter of the bucket, from the seed, the parameter's index in
+        its group and its step (engine/storage.py ``rounding_salt``); float64, where ``step`` is (tensor mode)."""
+        position = {id(q): i for i, q in enumerate(group["params"])}
+        index = torch.tensor([float(position[id(self._parameter_of(p))]) for p in ps], dtype=torch.float64)
+        if isinstance(step, Tensor):
+            index = index.to(step.device)
+        return storage.rounding_salt(int(group["rounding_seed"]), index, step)
 
     # ----- internals -----------------------------------------------------------------------------
+    def _validate_storage(self, group: dict[str, Any]) -> None:
+        """``state_dtype``, ``weight_rounding`` and ``rounding_seed`` (engine/storage.py)."""
+        name, sd, rounding = type(self).__name__, group["state_dtype"], group["weight_rounding"]
+        if sd == storage.INT8:
+            if not quantized_moments(self._stored_layout(group)):
+                raise ValueError(
+                    f"{name} does not support state_dtype='int8': its state holds no moment stored as 8-bit codes "
+                    "(the Adam family, Lion, SGD with momentum, RMSprop, Adagrad, AdEMAMix and ADOPT have them)"
+                )
+        elif sd is not None and (not isinstance(sd, torch.dtype) or not sd.is_floating_point):
+            raise TypeError(f"state_dtype must be a floating torch.dtype, 'int8' or None, got {sd!r}")
+        if rounding not in storage.WEIGHT_ROUNDINGS:
+            raise ValueError(f"weight_rounding must be one of {storage.WEIGHT_ROUNDINGS}, got {rounding!r}")
+        seed = group["rounding_seed"]
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"rounding_seed must be a non-negative int, got {seed!r}")
+        if rounding in (None, "nearest"):
+            return
+        if not self._rounding_supported:
+            raise ValueError(f"{name} does not support weight_rounding={rounding!r}: it also writes the weights itself")
+        if sd == torch.bfloat16:
+            raise ValueError(
+                f"weight_rounding={rounding!r} rounds the float32 result of the update, but state_dtype="
+                "torch.bfloat16 with bfloat16 parameters computes in bfloat16; keep the default state_dtype (float32), "
+                "or 'int8'"
+            )
+        params = group["params"]
+        for index, p in enumerate([params] if isinstance(params, Tensor) else params):
+            if p.dtype != torch.bfloat16:
+                raise ValueError(
+                    f"weight_rounding={rounding!r} is for bfloat16 parameters; params[{index}] of the group is "
+                    f"{p.dtype} (put float32 parameters in a group of their own, with weight_rounding=None)"
+                )
+
     def _validate_engine_options(self, group: dict[str, Any]) -> None:
         if group["fused"] and group["foreach"]:
             raise ValueError("fused=True and foreach=True are exclusive: choose one execution path")
@@ -376,9 +450,6 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
                     f"nonfinite={group['nonfinite']!r} reads the gradients' finiteness on the host, which "
                     "capturable=True rules out; use torch.amp.GradScaler, whose found_inf the step reads on the device"
                 )
-        sd = group["state_dtype"]
-        if sd is not None and (not isinstance(sd, torch.dtype) or not sd.is_floating_point):
-            raise TypeError(f"state_dtype must be a floating torch.dtype or None, got {sd!r}")
 
     def _collect(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
         """The group's params that have gradients, and the gradients, checked."""
@@ -411,8 +482,14 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
         for p in params:
             state = self.state[p]
             if not state:
+                if group["state_dtype"] == storage.INT8 and sharded.is_sharded(p):
+                    raise ValueError(
+                        f"{type(self).__name__}: state_dtype='int8' keeps block scales of the whole tensor, and "
+                        f"this parameter (shape {tuple(p.shape)}) is sharded (DTensor); use state_dtype=torch."
+                        "bfloat16 for sharded parameters"
+                    )
                 fresh.add(id(p))
-                for spec in applicable(self._layout(group), p):
+                for spec in applicable(self._stored_layout(group), p):
                     state[spec.name] = new_state_tensor(spec, p, group["state_dtype"], self._on_device(group, p))
         return fresh
 
@@ -455,17 +532,19 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
         fresh: set[int],
         amp: tuple[Tensor, Tensor] | None = None,
     ) -> None:
-        layout = self._layout(group)
+        layout = self._stored_layout(group)
         counted = STEP in layout
         tensor_mode = self._tensor_mode(group, params[0])
+        int8 = group["state_dtype"] == storage.INT8
         buckets: dict[tuple[Any, ...], list[int]] = defaultdict(list)
         for i, p in enumerate(params):
             # Number mode: the step counters are CPU tensors (no device synchronization to read one); a layout
             # without STEP (torch's SGD keeps none) is told 1 on the update that created its state, else 2.
             # Tensor mode reads nothing: the counters stay on the device, one coefficient row per parameter.
             step = None if tensor_mode else int(self.state[p]["step"].item()) if counted else int(id(p) not in fresh)
-            buckets[(p.device, p.dtype, step, grads[i].is_sparse, p.dim() > 1)].append(i)
-        for (device, dtype, step, sparse, matrix), indices in buckets.items():
+            quantized = int8 and storage.quantized_param(p)  # 8-bit codes, or (small) float moments
+            buckets[(p.device, p.dtype, step, grads[i].is_sparse, p.dim() > 1, quantized)].append(i)
+        for (device, dtype, step, sparse, matrix, _), indices in buckets.items():
             names = [spec.name for spec in applicable(layout, params[indices[0]]) if spec.shape != "scalar"]
             ps = [params[i] for i in indices]
             gs = [grads[i] for i in indices]
@@ -476,8 +555,15 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
                 states = [sharded.local_state(s) for s in states]
             compute_dtype = compute_dtype_for(ps[0], group["state_dtype"])
             state_dtype = state_dtype_for(ps[0], group["state_dtype"])
+            stored = self._storage(group, layout, ps[0])
+            if sparse and stored != PLAIN:
+                raise ValueError(
+                    f"{type(self).__name__}: sparse gradients update rows of the state in place, which "
+                    f"state_dtype={group['state_dtype']!r} / weight_rounding={group['weight_rounding']!r} cannot "
+                    "store (8-bit blocks and rounded weights are written whole); use dense gradients"
+                )
             # torch's kernels count steps themselves; without a counter (SGD) they are told the first step
-            native = group["fused"] and (counted or not tensor_mode) and not group["cautious"]
+            native = group["fused"] and (counted or not tensor_mode) and not group["cautious"] and stored == PLAIN
             native = native and self._native_fits(device, dtype, state_dtype, states, tensor_mode)
             compiled = not sparse and not native and (bool(group["fused"]) or tensor_mode)
             if amp is not None and not (native or compiled) and not _host_unscale(gs, amp):
@@ -494,13 +580,15 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
             with scalars.tensor_mode() if tensor_mode else nullcontext():
                 self._advance(group, step, states)
                 c = self._coefficients(group, step, states)
+                if stored.weights == "stochastic":
+                    c["rounding_salt"] = self._rounding_salts(group, originals, step)
             flags = self._flags(group, step, matrix)
             if self._cautious_supported:
                 flags = {**flags, "cautious": bool(group["cautious"])}
             centralized = group["centralize_gradients"] and matrix and not sparse
             if centralized and not compiled:  # the compiled kernel centralizes g itself
                 gs = [centralize(g.to(compute_dtype)) for g in gs]
-            eager = partial(self._run_eager, group, flags, names, compute_dtype, c)
+            eager = partial(self._run_eager, group, flags, names, compute_dtype, c, stored)
             if sparse:
                 for i, (p, g, s) in enumerate(zip(ps, gs, states)):
                     g = -g if group["maximize"] else g
@@ -509,7 +597,9 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
                 with scalars.tensor_mode() if tensor_mode else nullcontext():  # a tensor lr stays a tensor
                     self._native_fused(group, ps, gs, states, flags, step, *(in_kernel_amp or (None, None)))
             elif compiled:
-                self._run_compiled(group, flags, names, compute_dtype, ps, gs, states, c, centralized, in_kernel_amp)
+                self._run_compiled(
+                    group, flags, names, compute_dtype, ps, gs, states, c, centralized, in_kernel_amp, stored
+                )
             elif group["foreach"] or (group["foreach"] is None and device.type != "cpu"):
                 eager(ps, gs, states, multi_tensor=True)
             elif group["foreach"] is None:
@@ -537,22 +627,24 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
         names: list[str],
         compute_dtype: torch.dtype,
         c: dict[str, float],
+        stored: Storage,
         ps: list[Tensor],
         gs: list[Tensor],
         states: list[dict[str, Tensor]],
         *,
         multi_tensor: bool,
     ) -> None:
+        def run(p: Any, g: Any, state: dict[str, Any], coefficients: dict[str, Any]) -> None:
+            apply_update(self._update, p, g, state, coefficients, flags, group["maximize"], compute_dtype, stored)
+
         if multi_tensor:
             for chunk in _round_trip_chunks(ps, states, names, compute_dtype):
                 cps, cgs, cstates = _pick((ps, gs, states), chunk)
                 tl_state = {n: TensorList(s[n] for s in cstates) for n in names}
-                apply_update(
-                    self._update, TensorList(cps), TensorList(cgs), tl_state, c, flags, group["maximize"], compute_dtype
-                )
+                run(TensorList(cps), TensorList(cgs), tl_state, _rows(c, chunk))
             return
-        for p, g, s in zip(ps, gs, states):
-            apply_update(self._update, p, g, {n: s[n] for n in names}, c, flags, group["maximize"], compute_dtype)
+        for i, (p, g, s) in enumerate(zip(ps, gs, states)):
+            run(p, g, {n: s[n] for n in names}, _row(c, i))
 
     def _native_fits(
         self, device: torch.device, dtype: torch.dtype, state_dtype: torch.dtype, states: list, tensor_mode: bool
@@ -580,6 +672,7 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
         c: dict[str, Any],
         centralized: bool,
         amp: tuple[Tensor, Tensor] | None,
+        stored: Storage = PLAIN,
     ) -> None:
         """The bucket as tensor code: ``BUCKET_WIDTH`` tensors per launch of the compiled kernel, or, traced by
         the user's torch.compile, the same code inline (dynamo fuses it with the user's step). ``centralized``:
@@ -591,14 +684,14 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
         if amp is not None:
             amp_tensor = torch.stack([amp[0].reciprocal(), amp[1]]).to(device, coefficient_dtype(compute_dtype))
         by_name = {n: [s[n] for s in states] for n in names}
-        run_here = partial(update_bucket, type(self)._update, flags, group["maximize"], compute_dtype)
+        run_here = partial(update_bucket, type(self)._update, flags, group["maximize"], compute_dtype, storage=stored)
         if torch.compiler.is_compiling():
             run_here(ps, gs, by_name, [_row(c, i) for i in range(len(ps))], amp_tensor, centralized)
             return
         coefs = _coefficient_rows(c, coef_names, len(ps), device, coefficient_dtype(compute_dtype))
         kernel = fused_kernel(
             type(self)._update, flags, coef_names, group["maximize"], self._compile_options, self._staged, centralized,
-            compute_dtype=compute_dtype, amp=amp is not None,
+            compute_dtype=compute_dtype, amp=amp is not None, storage=stored,
         )  # fmt: skip
         # Flattened (elementwise math) or, centralized, by rows: the kernel needs the rows (the mean over all
         # dimensions but the first) and a row-by-row loop: in a flat loop the compiled kernel would find each
@@ -612,12 +705,17 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
             tensors = [p, gs[i], *(by_name[n][i] for n in names)]
             fits = p.numel() >= 2 and (not self._flatten or all(t.is_contiguous() for t in tensors))
             (launch if fits else alone).append(i)
+        # a padding tensor of a quantized bucket has two blocks (its scales two values: a size of 1 would be
+        # specialized by dynamo, and compiled again)
+        quantized = any(by_name[n][0].dtype == torch.uint8 for n, _ in stored.quantized if n in by_name)
+        scales = {storage.absmax_name(n) for n, _ in stored.quantized}
+        pad_numel = [2 if name in scales or not quantized else storage.MIN_NUMEL for name in ("p", "g", *names)]
         for start in range(0, len(launch), width):
             chunk = launch[start : start + width]
             args = []
             for column in (ps, gs, *by_name.values()):
                 views = [_kernel_view(column[i], self._flatten, centralized) for i in chunk]
-                args.append(views + _scratch(views[0], width - len(chunk), len(args)))
+                args.append(views + _scratch(views[0], width - len(chunk), len(args), pad_numel[len(args)]))
             rows = coefs[chunk]
             if len(chunk) < width:
                 rows = torch.cat([rows, rows[:1].expand(width - len(chunk), -1)])
@@ -628,8 +726,19 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
             run_here(sub[0], sub[1], dict(zip(names, sub[2:])), rows, amp_tensor, centralized)
 
 
+def _storage_options(group: dict[str, Any]) -> dict[str, Any]:
+    """The storage options of a group: they stay this optimizer's when it loads a state_dict saved under
+    others (the saved state is converted, engine/layout.py ``convert_saved``)."""
+    return {k: group[k] for k in ("state_dtype", "weight_rounding", "rounding_seed")}
+
+
 def _pick(lists: tuple[list, ...], indices: list[int]) -> list[list]:
     return [[xs[i] for i in indices] for xs in lists]
+
+
+def _rows(c: dict[str, Any], indices: list[int]) -> dict[str, Any]:
+    """The coefficients of the parameters at ``indices`` of the bucket (per-parameter entries picked)."""
+    return {k: v[indices] if isinstance(v, Tensor) and v.dim() == 1 else v for k, v in c.items()}
 
 
 def _row(c: dict[str, Any], i: int) -> dict[str, Any]:
@@ -686,12 +795,12 @@ def _kernel_view(t: Tensor, flatten: bool, centralized: bool) -> Tensor:
 _SCRATCH: dict[tuple[Any, ...], list[Tensor]] = {}
 
 
-def _scratch(like: Tensor, count: int, column: int) -> list[Tensor]:
-    """``count`` two-element tensors that pad a launch to the kernel's width: distinct per column and slot (the
-    kernel must not see one tensor twice), written by the kernel and never read by anything else."""
+def _scratch(like: Tensor, count: int, column: int, numel: int = 2) -> list[Tensor]:
+    """``count`` tensors of ``numel`` elements that pad a launch to the kernel's width: distinct per column and
+    slot (the kernel must not see one tensor twice), written by the kernel and never read by anything else."""
     if count <= 0:
         return []
-    shape = (2,) if like.dim() == 1 else (2, 2)
+    shape = (numel,) if like.dim() == 1 else (2, numel // 2)
     key = (like.device, like.dtype, shape, column)
     pads = _SCRATCH.setdefault(key, [])
     while len(pads) < count:

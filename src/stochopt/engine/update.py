@@ -1,15 +1,21 @@
 """The pure pieces of an update that every execution path shares: the eager loop, foreach and the fused kernel.
 
-A leaf of the engine: it imports nothing of the engine, so that ``optimizer`` and ``fused`` both read from it.
+A leaf of the engine: it imports only the engine's leaves (storage, tensorlist), so that ``optimizer`` and
+``fused`` both read from it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from stochopt.engine import storage as storage_
+from stochopt.engine.tensorlist import TensorList
 
 
 def centralize(g: Tensor) -> Tensor:
@@ -24,6 +30,32 @@ def centralize(g: Tensor) -> Tensor:
     return g - mean.view(-1, *(1,) * (g.dim() - 1))
 
 
+@dataclass(frozen=True)
+class Storage:
+    """How the update's tensors are stored (engine/storage.py), static per kernel: ``quantized``, the
+    moments (name, signed) kept as 8-bit codes with block scales (``<name>_absmax``) where their dtype is
+    uint8; ``weights``, the rounding of a bfloat16 parameter: None (to nearest), ``"stochastic"`` (with the
+    coefficient ``rounding_salt``) or ``"compensated"`` (with the state tensor ``compensation``)."""
+
+    quantized: tuple[tuple[str, bool], ...] = ()
+    weights: str | None = None
+
+
+PLAIN = Storage()
+
+
+def _tensors(x: Any) -> list[Tensor]:
+    return x.tensors if isinstance(x, TensorList) else [x]
+
+
+def _each(fn: Callable[..., Tensor], *args: Any) -> Any:
+    """``fn`` on tensors, or on each tensor of TensorLists (then a TensorList)."""
+    if isinstance(args[0], TensorList):
+        columns = [a.tensors if isinstance(a, TensorList) else a for a in args]
+        return TensorList(fn(*row) for row in zip(*columns))
+    return fn(*args)
+
+
 def apply_update(
     update: Callable[..., None],
     p: Any,
@@ -33,6 +65,7 @@ def apply_update(
     flags: dict[str, Any],
     maximize: bool,
     compute_dtype: torch.dtype,
+    storage: Storage = PLAIN,
 ) -> None:
     """Run ``update`` on tensors or TensorLists with its math in ``compute_dtype`` (engine/layout.py
     ``compute_dtype_for``: the promotion of the parameter's dtype and the state dtype).
@@ -41,18 +74,46 @@ def apply_update(
     the update runs on those copies, and the parameter and the state tensors are written back (``copy_``): each
     is rounded to its own dtype once per step. So ``state_dtype`` is a storage format: bfloat16 state of float32
     parameters is read as float32 and rounded to bfloat16 when stored, as a bfloat16 parameter with float32
-    state is. The same code runs eagerly and inside the fused path's compiled kernel (dtypes are static there).
-    ``state`` holds the tensors the update reads (not the scalar state such as ``step``).
+    state is. 8-bit moments are decoded and encoded again, and bfloat16 weights rounded as ``storage`` says
+    (engine/storage.py). The same code runs eagerly and inside the fused path's compiled kernel (dtypes are
+    static there). ``state`` holds the tensors the update reads (not the scalar state such as ``step``).
     """
     if maximize:
         g = -g
     if g.dtype != compute_dtype:
         g = g.to(compute_dtype)
-    converted = [name for name, s in state.items() if s.dtype != compute_dtype]
-    work = {name: s.to(compute_dtype) if name in converted else s for name, s in state.items()}
+    quantized = {name: signed for name, signed in storage.quantized if state[name].dtype == torch.uint8}
+    hidden = {storage_.absmax_name(name) for name in quantized} | {"compensation"}
+    converted = [name for name, s in state.items() if name not in hidden and s.dtype != compute_dtype]
+    work = {name: s for name, s in state.items() if name not in hidden}
+    for name in converted:
+        if name in quantized:
+            decode = partial(storage_.dequantize, signed=quantized[name], dtype=compute_dtype)
+            work[name] = _each(decode, state[name], state[storage_.absmax_name(name)])
+        else:
+            work[name] = state[name].to(compute_dtype)
     p_compute = p if p.dtype == compute_dtype else p.to(compute_dtype)
+    if storage.weights == "compensated":
+        p_compute = p_compute.add(state["compensation"].to(compute_dtype))
     update(p_compute, g, work, c, **flags)
-    if p.dtype != compute_dtype:
+    if storage.weights == "stochastic":
+        salts = c["rounding_salt"]
+        salts = list(salts.unbind(0)) if isinstance(p, TensorList) and isinstance(salts, Tensor) else salts
+        p.copy_(_each(storage_.stochastic_round, p_compute, salts))
+    elif storage.weights == "compensated":
+        # the rounded weight is computed once and used twice: read back after the write, p would be the value
+        # from before it inside the compiled kernel (inductor, torch 2.13, CPU)
+        rounded = _each(storage_.nearest_bfloat16, p_compute)
+        state["compensation"].copy_(p_compute.sub(rounded))
+        p.copy_(rounded)
+    elif p.dtype != compute_dtype:
         p.copy_(p_compute)
     for name in converted:
-        state[name].copy_(work[name])
+        if name not in quantized:
+            state[name].copy_(work[name])
+            continue
+        absmax = state[storage_.absmax_name(name)]
+        for code, scale, value in zip(_tensors(state[name]), _tensors(absmax), _tensors(work[name])):
+            new_codes, new_scale = storage_.quantize(value, quantized[name])
+            code.copy_(new_codes)
+            scale.copy_(new_scale.view(scale.shape))

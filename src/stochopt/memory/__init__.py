@@ -3,10 +3,12 @@ activations after Korthikanti et al. (2022), ZeRO partitioning after Rajbhandari
 
 from stochopt.memory.estimate import (
     GPT2,
+    LEAN_OPTIONS,
     MemoryEstimate,
     Transformer,
     compare,
     estimate,
+    lean_options,
     load_module,
     measure_activations,
 )
@@ -14,6 +16,7 @@ from stochopt.memory.layouts import TORCH_LAYOUTS, optimizer_layout
 from stochopt.memory.report import format_table, plot_memory
 
 __all__ = [
-    "GPT2", "MemoryEstimate", "Transformer", "compare", "estimate", "load_module", "measure_activations",
+    "GPT2", "LEAN_OPTIONS", "MemoryEstimate", "Transformer", "compare", "estimate", "lean_options", "load_module",
+    "measure_activations",
     "TORCH_LAYOUTS", "optimizer_layout", "format_table", "plot_memory",
 ]  # fmt: skip

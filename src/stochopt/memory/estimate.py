@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -152,6 +152,7 @@ def estimate(
     flash_attention: bool = False,
     bucket_bytes: int | None = None,
     hyperparameters: dict[str, Any] | None = None,
+    in_backward: bool = False,
 ) -> MemoryEstimate:
     r"""Training memory per device for one of: ``num_params`` (one flat tensor), a ``transformer``
     description, or a ``module`` (an instance or ``"package.module:Name"``; with ``example_input``, its
@@ -163,7 +164,11 @@ def estimate(
     ``zero_stage`` 1, 2, 3 partition the optimizer state and master weights, then the gradients, then the
     parameters over ``devices``. ``bucket_bytes``: the gradient all-reduce buffer when ``devices > 1``;
     None is the seeds' single fused float32 buffer of every gradient (4 bytes per parameter); torch DDP's
-    default bucket is 25 MiB.
+    default bucket is 25 MiB. ``hyperparameters`` reach the optimizer: ``state_dtype="int8"`` (8-bit moments,
+    1 byte a value and 4 a block of 2048) and ``weight_rounding`` (with ``precision="bf16"``: bfloat16 weights
+    without masters; ``"compensated"`` adds 2 bytes a parameter) change the state it keeps.
+    ``in_backward``: the optimizer steps each parameter in backward (stochopt.training.StepInBackward), so
+    the gradients held at once are about the largest parameter's, not all of them.
     """
     sources = [x is not None for x in (num_params, transformer, module)]
     if sum(sources) != 1:
@@ -207,6 +212,9 @@ def estimate(
     buffers = 0 if devices == 1 else (4 * n if bucket_bytes is None else checks.count("bucket_bytes", bucket_bytes, 1))
 
     params, grads = float(weight_bytes), float(weight_bytes)
+    if in_backward:
+        grads = float(max(p.numel() for p in metas) * _itemsize(weight_dtype))
+        notes.append("in_backward: the gradients held at once are the largest parameter's (freed once it steps)")
     state, masters = float(state), float(masters)
     if zero_stage >= 1:
         state, masters = state / devices, masters / devices
@@ -216,6 +224,25 @@ def estimate(
         params /= devices
     return MemoryEstimate(name, n, params, grads, state, masters, float(activations), float(buffers), devices,
                           zero_stage, tuple(notes))  # fmt: skip
+
+
+#: the memory-lean ways to train with Adam, side by side (``stochopt memory --lean``): (label, estimate options)
+LEAN_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("fp32 Adam", {"precision": "fp32"}),
+    ("mixed Adam", {"precision": "mixed"}),
+    ("mixed 8-bit Adam", {"precision": "mixed", "hyperparameters": {"state_dtype": "int8"}}),
+    ("bf16+SR 8-bit Adam", {"precision": "bf16", "hyperparameters": {"state_dtype": "int8",
+                                                                     "weight_rounding": "stochastic"}}),
+    ("bf16+Kahan 8-bit", {"precision": "bf16", "hyperparameters": {"state_dtype": "int8",
+                                                                   "weight_rounding": "compensated"}}),
+    ("bf16+SR 8-bit, in bwd", {"precision": "bf16", "in_backward": True,
+                               "hyperparameters": {"state_dtype": "int8", "weight_rounding": "stochastic"}}),
+)  # fmt: skip
+
+
+def lean_options(**kwargs: Any) -> list[MemoryEstimate]:
+    """Adam's memory under each of ``LEAN_OPTIONS`` (the same model, devices and activations: ``kwargs``)."""
+    return [replace(estimate("adam", **{**kwargs, **options}), optimizer=label) for label, options in LEAN_OPTIONS]
 
 
 def compare(optimizers: Sequence[str], **kwargs: Any) -> list[MemoryEstimate]:

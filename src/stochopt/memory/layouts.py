@@ -58,10 +58,17 @@ def optimizer_layout(optimizer: str, **hyperparameters: Any) -> tuple[str, Layou
     entry = optimizer_entry(optimizer)
     if not issubclass(entry.cls, EngineOptimizer):
         raise ValueError(f"optimizer {optimizer!r} does not declare a state layout")
-    # a throwaway instance: the layout may depend on the options (amsgrad, momentum, beta1 ...)
-    probe = entry.cls([torch.zeros(2, 2, requires_grad=True)], **hyperparameters)
+    # a throwaway instance: the layout may depend on the options (amsgrad, momentum, beta1 ...); the stored
+    # layout also on the storage options (8-bit moments, a compensation buffer: engine/layout.py)
+    probe = entry.cls([_probe_param(hyperparameters)], **hyperparameters)
     group = probe.param_groups[0]
-    return entry.name, tuple(probe._layout(group)), group.get("state_dtype")
+    return entry.name, tuple(probe._stored_layout(group)), group.get("state_dtype")
+
+
+def _probe_param(hyperparameters: dict[str, Any]) -> torch.Tensor:
+    """A parameter the optimizer accepts under ``hyperparameters``: weight rounding is for bfloat16 ones."""
+    dtype = torch.bfloat16 if hyperparameters.get("weight_rounding") not in (None, "nearest") else torch.float32
+    return torch.zeros(2, 2, dtype=dtype, requires_grad=True)
 
 
 def module_layouts(optimizer: str, model: torch.nn.Module, **hyperparameters: Any) -> list[Layout] | None:
@@ -78,5 +85,5 @@ def module_layouts(optimizer: str, model: torch.nn.Module, **hyperparameters: An
     probe = entry.cls(hook(model), **hyperparameters)
     if hasattr(probe, "remove_hooks"):
         probe.remove_hooks()  # the probe only reads the groups; the model must not keep AdaFisher's hooks
-    by_param = {id(p): tuple(probe._layout(group)) for group in probe.param_groups for p in group["params"]}
+    by_param = {id(p): tuple(probe._stored_layout(group)) for group in probe.param_groups for p in group["params"]}
     return [by_param.get(id(p), ()) for p in model.parameters()]

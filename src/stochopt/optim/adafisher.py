@@ -164,7 +164,9 @@ class AdaFisher(EngineOptimizer):
         fused: bool | None = None,
         capturable: bool = False,
         nonfinite: str | None = None,
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
+        weight_rounding: str | None = None,
+        rounding_seed: int = 0,
         process_group: Any = None,
     ) -> None:
         if not (process_group is None or process_group is False or isinstance(process_group, dist.ProcessGroup)):
@@ -181,7 +183,7 @@ class AdaFisher(EngineOptimizer):
         defaults = dict(
             lr=lr, betas=betas, gamma=gamma, damping=damping, eps=eps, weight_decay=weight_decay, kronecker=False,
             maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
-            state_dtype=state_dtype,
+            state_dtype=state_dtype, weight_rounding=weight_rounding, rounding_seed=rounding_seed,
         )  # fmt: skip
         super().__init__(params, defaults)
 

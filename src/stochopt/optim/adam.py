@@ -17,7 +17,9 @@ from stochopt.optim.common import (
     weight_decay,
 )
 
-ADAM_MOMENTS = (STEP, StateSpec("exp_avg"), StateSpec("exp_avg_sq"))
+#: Adam's moments: ``state_dtype="int8"`` stores the first with the signed map, the second with the unsigned one
+ADAM_MOMENTS = (STEP, StateSpec("exp_avg", quantize="signed"), StateSpec("exp_avg_sq", quantize="unsigned"))
+MAX_EXP_AVG_SQ = StateSpec("max_exp_avg_sq", quantize="unsigned")
 
 
 class Adam(EngineOptimizer):
@@ -54,13 +56,15 @@ class Adam(EngineOptimizer):
         decoupled_weight_decay: bool = False,
         cautious: bool = False,
         nonfinite: str | None = None,
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
+        weight_rounding: str | None = None,
+        rounding_seed: int = 0,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             decoupled_weight_decay=decoupled_weight_decay, cautious=cautious,
             maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
-            state_dtype=state_dtype,
+            state_dtype=state_dtype, weight_rounding=weight_rounding, rounding_seed=rounding_seed,
         )  # fmt: skip
         super().__init__(params, defaults)
 
@@ -70,7 +74,7 @@ class Adam(EngineOptimizer):
         checks.flag("decoupled_weight_decay", group["decoupled_weight_decay"])
 
     def _layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
-        return ADAM_MOMENTS + ((StateSpec("max_exp_avg_sq"),) if group["amsgrad"] else ())
+        return ADAM_MOMENTS + ((MAX_EXP_AVG_SQ,) if group["amsgrad"] else ())
 
     def _flags(self, group: dict[str, Any], step: int, matrix: bool) -> dict[str, Any]:
         return {
@@ -134,12 +138,15 @@ class AdamW(Adam):
         fused: bool | None = None,
         capturable: bool = False,
         nonfinite: str | None = None,
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
+        weight_rounding: str | None = None,
+        rounding_seed: int = 0,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize, fused=fused,
             capturable=capturable, cautious=cautious,
             decoupled_weight_decay=True, nonfinite=nonfinite, state_dtype=state_dtype,
+            weight_rounding=weight_rounding, rounding_seed=rounding_seed,
         )  # fmt: skip
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -174,13 +181,15 @@ class QHAdam(EngineOptimizer):
         fused: bool | None = None,
         capturable: bool = False,
         nonfinite: str | None = None,
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
+        weight_rounding: str | None = None,
+        rounding_seed: int = 0,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, nus=nus, eps=eps, weight_decay=weight_decay,
             decoupled_weight_decay=decoupled_weight_decay,
             maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
-            state_dtype=state_dtype,
+            state_dtype=state_dtype, weight_rounding=weight_rounding, rounding_seed=rounding_seed,
         )  # fmt: skip
         super().__init__(params, defaults)
 

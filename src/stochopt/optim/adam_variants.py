@@ -9,7 +9,7 @@ from torch import Tensor
 
 from stochopt.engine import STEP, EngineOptimizer, StateSpec, checks, scalar
 from stochopt.engine.scalars import maximum, sqrt, where
-from stochopt.optim.adam import ADAM_MOMENTS
+from stochopt.optim.adam import ADAM_MOMENTS, MAX_EXP_AVG_SQ
 from stochopt.optim.common import (
     adam_coefficients,
     bias_correction,
@@ -52,13 +52,15 @@ class NAdam(EngineOptimizer):
         fused: bool | None = None,
         capturable: bool = False,
         nonfinite: str | None = None,
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
+        weight_rounding: str | None = None,
+        rounding_seed: int = 0,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum_decay=momentum_decay,
             decoupled_weight_decay=decoupled_weight_decay,
             maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
-            state_dtype=state_dtype,
+            state_dtype=state_dtype, weight_rounding=weight_rounding, rounding_seed=rounding_seed,
         )  # fmt: skip
         super().__init__(params, defaults)
 
@@ -146,12 +148,14 @@ class RAdam(EngineOptimizer):
         fused: bool | None = None,
         capturable: bool = False,
         nonfinite: str | None = None,
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
+        weight_rounding: str | None = None,
+        rounding_seed: int = 0,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
             maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
-            state_dtype=state_dtype,
+            state_dtype=state_dtype, weight_rounding=weight_rounding, rounding_seed=rounding_seed,
         )  # fmt: skip
         super().__init__(params, defaults)
 
@@ -230,13 +234,15 @@ class AdaBound(EngineOptimizer):
         fused: bool | None = None,
         capturable: bool = False,
         nonfinite: str | None = None,
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
+        weight_rounding: str | None = None,
+        rounding_seed: int = 0,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, final_lr=final_lr, gamma=gamma, eps=eps, weight_decay=weight_decay,
             amsbound=amsbound,
             maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
-            state_dtype=state_dtype,
+            state_dtype=state_dtype, weight_rounding=weight_rounding, rounding_seed=rounding_seed,
         )  # fmt: skip
         super().__init__(params, defaults)
 
@@ -264,7 +270,7 @@ class AdaBound(EngineOptimizer):
             group["base_lr"] = torch.where(lr > 0.0, lr, torch.zeros_like(lr))
 
     def _layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
-        return ADAM_MOMENTS + ((StateSpec("max_exp_avg_sq"),) if group["amsbound"] else ())
+        return ADAM_MOMENTS + ((MAX_EXP_AVG_SQ,) if group["amsbound"] else ())
 
     def _flags(self, group: dict[str, Any], step: int, matrix: bool) -> dict[str, Any]:
         return {"decay": group["weight_decay"] != 0, "amsbound": bool(group["amsbound"])}

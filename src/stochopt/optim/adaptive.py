@@ -42,12 +42,14 @@ class Adagrad(EngineOptimizer):
         fused: bool | None = None,
         capturable: bool = False,
         nonfinite: str | None = None,
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
+        weight_rounding: str | None = None,
+        rounding_seed: int = 0,
     ) -> None:
         defaults = dict(
             lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, initial_accumulator_value=initial_accumulator_value,
             eps=eps, maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
-            state_dtype=state_dtype,
+            state_dtype=state_dtype, weight_rounding=weight_rounding, rounding_seed=rounding_seed,
         )  # fmt: skip
         super().__init__(params, defaults)
 
@@ -57,7 +59,7 @@ class Adagrad(EngineOptimizer):
         checks.nonnegative("initial_accumulator_value", group["initial_accumulator_value"])
 
     def _layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
-        return (STEP, StateSpec("sum", init=float(group["initial_accumulator_value"])))
+        return (STEP, StateSpec("sum", init=float(group["initial_accumulator_value"]), quantize="unsigned"))
 
     def _flags(self, group: dict[str, Any], step: int, matrix: bool) -> dict[str, Any]:
         return {"decay": group["weight_decay"] != 0}
@@ -112,12 +114,14 @@ class RMSprop(EngineOptimizer):
         fused: bool | None = None,
         capturable: bool = False,
         nonfinite: str | None = None,
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
+        weight_rounding: str | None = None,
+        rounding_seed: int = 0,
     ) -> None:
         defaults = dict(
             lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered,
             maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
-            state_dtype=state_dtype,
+            state_dtype=state_dtype, weight_rounding=weight_rounding, rounding_seed=rounding_seed,
         )  # fmt: skip
         super().__init__(params, defaults)
 
@@ -128,11 +132,11 @@ class RMSprop(EngineOptimizer):
         checks.flag("centered", group["centered"])
 
     def _layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
-        layout = (STEP, StateSpec("square_avg"))
+        layout = (STEP, StateSpec("square_avg", quantize="unsigned"))
         if group["momentum"] > 0:
-            layout += (StateSpec("momentum_buffer"),)
+            layout += (StateSpec("momentum_buffer", quantize="signed"),)
         if group["centered"]:
-            layout += (StateSpec("grad_avg"),)
+            layout += (StateSpec("grad_avg", quantize="signed"),)
         return layout
 
     def _flags(self, group: dict[str, Any], step: int, matrix: bool) -> dict[str, Any]:
@@ -198,12 +202,14 @@ class Adadelta(EngineOptimizer):
         fused: bool | None = None,
         capturable: bool = False,
         nonfinite: str | None = None,
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
+        weight_rounding: str | None = None,
+        rounding_seed: int = 0,
     ) -> None:
         defaults = dict(
             lr=lr, rho=rho, eps=eps, weight_decay=weight_decay,
             maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
-            state_dtype=state_dtype,
+            state_dtype=state_dtype, weight_rounding=weight_rounding, rounding_seed=rounding_seed,
         )  # fmt: skip
         super().__init__(params, defaults)
 
@@ -212,7 +218,7 @@ class Adadelta(EngineOptimizer):
         checks.in_unit_interval("rho", group["rho"], closed_right=True)
 
     def _layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
-        return (STEP, StateSpec("square_avg"), StateSpec("acc_delta"))
+        return (STEP, StateSpec("square_avg", quantize="unsigned"), StateSpec("acc_delta", quantize="unsigned"))
 
     def _flags(self, group: dict[str, Any], step: int, matrix: bool) -> dict[str, Any]:
         return {"decay": group["weight_decay"] != 0}

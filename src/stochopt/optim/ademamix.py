@@ -75,13 +75,15 @@ class AdEMAMix(EngineOptimizer):
         fused: bool | None = None,
         capturable: bool = False,
         nonfinite: str | None = None,
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
+        weight_rounding: str | None = None,
+        rounding_seed: int = 0,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, alpha=alpha, beta3_warmup=beta3_warmup, alpha_warmup=alpha_warmup, eps=eps,
             weight_decay=weight_decay, cautious=cautious,
             maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
-            state_dtype=state_dtype,
+            state_dtype=state_dtype, weight_rounding=weight_rounding, rounding_seed=rounding_seed,
         )  # fmt: skip
         super().__init__(params, defaults)
 
@@ -96,8 +98,9 @@ class AdEMAMix(EngineOptimizer):
         checks.nonnegative("weight_decay", group["weight_decay"])
 
     def _layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
-        fast = (StateSpec("exp_avg_fast"),) if group["betas"][0] != 0 else ()
-        return (STEP, *fast, StateSpec("exp_avg_slow"), StateSpec("exp_avg_sq"))
+        fast = (StateSpec("exp_avg_fast", quantize="signed"),) if group["betas"][0] != 0 else ()
+        slow = StateSpec("exp_avg_slow", quantize="signed")
+        return (STEP, *fast, slow, StateSpec("exp_avg_sq", quantize="unsigned"))
 
     def _flags(self, group: dict[str, Any], step: int, matrix: bool) -> dict[str, Any]:
         return {"fast": group["betas"][0] != 0, "decay": group["weight_decay"] != 0}

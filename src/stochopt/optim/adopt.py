@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 
-from stochopt.engine import STEP, EngineOptimizer, StateSpec, checks, scalar
+from stochopt.engine import EngineOptimizer, StateSpec, checks, scalar
 from stochopt.engine.scalars import where
+from stochopt.optim.adam import ADAM_MOMENTS
 from stochopt.optim.common import cautious_direction, decoupled_decay_, ema_, ema_square_, l2_penalty
 
 
@@ -55,7 +56,9 @@ class ADOPT(EngineOptimizer):
         fused: bool | None = None,
         capturable: bool = False,
         nonfinite: str | None = None,
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
+        weight_rounding: str | None = None,
+        rounding_seed: int = 0,
     ) -> None:
         if clip_lambda is not None and not callable(clip_lambda):
             raise TypeError(f"clip_lambda must be a function of the step or None, got {clip_lambda!r}")
@@ -64,7 +67,7 @@ class ADOPT(EngineOptimizer):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decouple=decouple, cautious=cautious,
             maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
-            state_dtype=state_dtype,
+            state_dtype=state_dtype, weight_rounding=weight_rounding, rounding_seed=rounding_seed,
         )  # fmt: skip
         super().__init__(params, defaults)
 
@@ -76,7 +79,7 @@ class ADOPT(EngineOptimizer):
         checks.flag("decouple", group["decouple"])
 
     def _layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
-        return (STEP, StateSpec("exp_avg"), StateSpec("exp_avg_sq"))
+        return ADAM_MOMENTS
 
     def _flags(self, group: dict[str, Any], step: int, matrix: bool) -> dict[str, Any]:
         decay = group["weight_decay"] != 0

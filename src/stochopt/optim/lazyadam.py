@@ -43,12 +43,14 @@ class LazyAdam(Adam):
         fused: bool | None = None,
         capturable: bool = False,
         nonfinite: str | None = None,
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
+        weight_rounding: str | None = None,
+        rounding_seed: int = 0,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, 0.0, False, foreach=foreach, maximize=maximize, fused=fused,
             capturable=capturable,
-            nonfinite=nonfinite, state_dtype=state_dtype,
+            nonfinite=nonfinite, state_dtype=state_dtype, weight_rounding=weight_rounding, rounding_seed=rounding_seed,
         )  # fmt: skip
 
     def _layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:

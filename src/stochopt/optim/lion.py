@@ -38,12 +38,14 @@ class Lion(EngineOptimizer):
         fused: bool | None = None,
         capturable: bool = False,
         nonfinite: str | None = None,
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
+        weight_rounding: str | None = None,
+        rounding_seed: int = 0,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, weight_decay=weight_decay, cautious=cautious,
             maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
-            state_dtype=state_dtype,
+            state_dtype=state_dtype, weight_rounding=weight_rounding, rounding_seed=rounding_seed,
         )  # fmt: skip
         super().__init__(params, defaults)
 
@@ -53,7 +55,7 @@ class Lion(EngineOptimizer):
         checks.nonnegative("weight_decay", group["weight_decay"])
 
     def _layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
-        return (STEP, StateSpec("exp_avg"))
+        return (STEP, StateSpec("exp_avg", quantize="signed"))
 
     def _flags(self, group: dict[str, Any], step: int, matrix: bool) -> dict[str, Any]:
         return {"decay": group["weight_decay"] != 0}

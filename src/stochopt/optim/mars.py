@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from stochopt.engine import STEP, EngineOptimizer, StateSpec, checks, scalar
+from stochopt.engine import EngineOptimizer, StateSpec, checks, scalar
+from stochopt.optim.adam import ADAM_MOMENTS
 from stochopt.optim.common import (
     adam_coefficients,
     cautious_direction,
@@ -64,13 +65,15 @@ class MARS(EngineOptimizer):
         fused: bool | None = None,
         capturable: bool = False,
         nonfinite: str | None = None,
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
+        weight_rounding: str | None = None,
+        rounding_seed: int = 0,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, gamma=gamma, optimize_1d=optimize_1d,
             lr_1d=lr_1d, betas_1d=betas_1d, weight_decay_1d=weight_decay_1d, cautious=cautious,
             maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
-            state_dtype=state_dtype,
+            state_dtype=state_dtype, weight_rounding=weight_rounding, rounding_seed=rounding_seed,
         )  # fmt: skip
         super().__init__(params, defaults)
 
@@ -93,7 +96,7 @@ class MARS(EngineOptimizer):
 
     def _layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
         applies = "all" if group["optimize_1d"] else "matrix"
-        return (STEP, StateSpec("exp_avg"), StateSpec("exp_avg_sq"), StateSpec("last_grad", applies=applies))
+        return (*ADAM_MOMENTS, StateSpec("last_grad", applies=applies))
 
     def _flags(self, group: dict[str, Any], step: int, matrix: bool) -> dict[str, Any]:
         mars = matrix or bool(group["optimize_1d"])

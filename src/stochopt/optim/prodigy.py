@@ -141,7 +141,9 @@ class Prodigy(EngineOptimizer):
         fused: bool | None = None,
         capturable: bool = False,
         nonfinite: str | None = None,
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
+        weight_rounding: str | None = None,
+        rounding_seed: int = 0,
     ) -> None:
         self._plan: _Plan | None = None
         self._fresh: set[int] = set()
@@ -150,7 +152,7 @@ class Prodigy(EngineOptimizer):
             use_bias_correction=use_bias_correction, safeguard_warmup=safeguard_warmup, d0=d0, d_coef=d_coef,
             growth_rate=growth_rate, fsdp_in_use=fsdp_in_use, slice_p=slice_p,
             maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
-            state_dtype=state_dtype,
+            state_dtype=state_dtype, weight_rounding=weight_rounding, rounding_seed=rounding_seed,
         )  # fmt: skip
         super().__init__(params, defaults)
 

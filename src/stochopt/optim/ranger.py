@@ -45,13 +45,16 @@ class Ranger(RAdam):
         fused: bool | None = None,
         capturable: bool = False,
         nonfinite: str | None = None,
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
+        weight_rounding: str | None = None,
+        rounding_seed: int = 0,
     ) -> None:
         # RAdam's constructor builds the groups; Ranger's own defaults must be known by then
         self._ranger_defaults = {"k": k, "alpha": alpha, "centralize_gradients": centralize_gradients}
         super().__init__(
             params, lr, betas, eps, weight_decay, decoupled_weight_decay, foreach=foreach, maximize=maximize,
             fused=fused, capturable=capturable, nonfinite=nonfinite, state_dtype=state_dtype,
+            weight_rounding=weight_rounding, rounding_seed=rounding_seed,
         )  # fmt: skip
         self.defaults.update(self._ranger_defaults)
 

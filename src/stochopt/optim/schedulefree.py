@@ -35,6 +35,8 @@ class _ScheduleFree(EngineOptimizer):
     ``train()`` / ``eval()`` switch. Subclasses name the interpolation coefficient (``_beta``) and the direction
     ``u`` of the z step."""
 
+    _rounding_supported = False  # train() / eval() move the weights between y and x themselves
+
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         super().__init__(params, {**defaults, **GROUP_STATE, "train_mode": True})
 
@@ -267,13 +269,15 @@ class AdamWScheduleFree(_ScheduleFree):
         fused: bool | None = None,
         capturable: bool = False,
         nonfinite: str | None = None,
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
+        weight_rounding: str | None = None,
+        rounding_seed: int = 0,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps, r=r,
             weight_lr_power=weight_lr_power,
             maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
-            state_dtype=state_dtype,
+            state_dtype=state_dtype, weight_rounding=weight_rounding, rounding_seed=rounding_seed,
         )  # fmt: skip
         super().__init__(params, defaults)
 
@@ -346,13 +350,15 @@ class SGDScheduleFree(_ScheduleFree):
         fused: bool | None = None,
         capturable: bool = False,
         nonfinite: str | None = None,
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
+        weight_rounding: str | None = None,
+        rounding_seed: int = 0,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay, warmup_steps=warmup_steps, r=r,
             weight_lr_power=weight_lr_power,
             maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
-            state_dtype=state_dtype,
+            state_dtype=state_dtype, weight_rounding=weight_rounding, rounding_seed=rounding_seed,
         )  # fmt: skip
         super().__init__(params, defaults)
 

@@ -10,6 +10,9 @@ from stochopt.engine import STEP, EngineOptimizer, StateSpec, checks, scalar
 from stochopt.engine.scalars import where
 from stochopt.optim.common import cautious_direction, heavy_ball_, l2_penalty, nesterov_direction
 
+#: the heavy-ball buffer (signed 8-bit codes under ``state_dtype="int8"``)
+MOMENTUM_BUFFER = StateSpec("momentum_buffer", quantize="signed")
+
 
 class SGD(EngineOptimizer):
     r"""Stochastic gradient descent with optional momentum, Nesterov momentum and L2 weight decay.
@@ -48,13 +51,15 @@ class SGD(EngineOptimizer):
         fused: bool | None = None,
         capturable: bool = False,
         nonfinite: str | None = None,
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
+        weight_rounding: str | None = None,
+        rounding_seed: int = 0,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
             cautious=cautious,
             maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
-            state_dtype=state_dtype,
+            state_dtype=state_dtype, weight_rounding=weight_rounding, rounding_seed=rounding_seed,
         )  # fmt: skip
         super().__init__(params, defaults)
 
@@ -76,7 +81,7 @@ class SGD(EngineOptimizer):
 
     def _layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
         # no step count, as in torch.optim.SGD: its state_dict holds the momentum buffer alone
-        return (StateSpec("momentum_buffer"),) if group["momentum"] != 0 else ()
+        return (MOMENTUM_BUFFER,) if group["momentum"] != 0 else ()
 
     def _flags(self, group: dict[str, Any], step: int, matrix: bool) -> dict[str, Any]:
         return {
@@ -144,12 +149,14 @@ class QHM(EngineOptimizer):
         fused: bool | None = None,
         capturable: bool = False,
         nonfinite: str | None = None,
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
+        weight_rounding: str | None = None,
+        rounding_seed: int = 0,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, nu=nu, weight_decay=weight_decay,
             maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
-            state_dtype=state_dtype,
+            state_dtype=state_dtype, weight_rounding=weight_rounding, rounding_seed=rounding_seed,
         )  # fmt: skip
         super().__init__(params, defaults)
 
@@ -160,7 +167,7 @@ class QHM(EngineOptimizer):
         checks.nonnegative("weight_decay", group["weight_decay"])
 
     def _layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
-        return (STEP, StateSpec("momentum_buffer"))
+        return (STEP, MOMENTUM_BUFFER)
 
     def _flags(self, group: dict[str, Any], step: int, matrix: bool) -> dict[str, Any]:
         return {"decay": group["weight_decay"] != 0}

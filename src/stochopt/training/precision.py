@@ -4,7 +4,9 @@ bfloat16/float16 parameters (:class:`MasterWeights`), with the memory each part 
 The seeds' arithmetic for mixed-precision Adam: 2 bytes of half-precision weights, 2 of gradients, and 12 of
 optimizer states (a float32 master copy of the weights, Adam's two float32 moments): 16 bytes per parameter.
 A half-precision weight cannot hold a small update (bfloat16 keeps 8 significant bits, so an update below
-1/512 of the weight rounds away); the float32 master copy accumulates it, and the model sees it rounded.
+1/512 of the weight rounds away); the float32 master copy accumulates it, and the model sees it rounded. The same
+holds for gradients summed over micro-batches in a bfloat16 ``.grad``: ``accumulate_in_float32=True`` sums them
+in the masters' float32 gradients instead (Megatron-LM's ``main_grad``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class MixedPrecision:
             loss = loss_fn(model(x), y)
         mp.backward(loss)
         mp.unscale_(optimizer)            # only when clipping: the gradients are scaled until then
-        clip_gradients(model.parameters(), max_norm=1.0)
+        clip_gradients(model.parameters(), max_norm=1.0)  # opt.master_parameters() under accumulate_in_float32
         mp.step(optimizer)                # skips the step when the scaled gradients overflowed
 
     ``enabled=False`` turns it into plain float32 training with the same calls.
@@ -80,9 +82,11 @@ def _pull_master_gradients(optimizer: Optimizer) -> None:
 
 @dataclass(frozen=True)
 class TrainingMemory:
-    """Bytes of the model states: ``params`` and ``grads`` as the model holds them, the float32
+    """Bytes of the model states: ``params`` as the model holds them, ``grads`` as they live between backward
+    and step (the model's dtype; under ``accumulate_in_float32`` the masters' float32 gradients, 4 bytes per
+    parameter, and the model's half-precision gradient of one parameter at a time, not counted), the float32
     ``master_weights``, the inner ``optimizer_state``, and ``step_buffers``: the float32 gradient copies that
-    exist only during ``step()``."""
+    exist only during ``step()`` (none under ``accumulate_in_float32``: the float32 gradients are ``grads``)."""
 
     params: int
     grads: int
@@ -95,6 +99,11 @@ class TrainingMemory:
     def total(self) -> int:
         """The model states outside a step (the seeds' "16 bytes per parameter" for Adam)."""
         return self.params + self.grads + self.master_weights + self.optimizer_state
+
+    @property
+    def peak(self) -> int:
+        """The model states during a step: ``total`` and the step's buffers."""
+        return self.total + self.step_buffers
 
     @property
     def bytes_per_param(self) -> float:
@@ -115,16 +124,31 @@ class MasterWeights(OptimizerWrapper):
     parameters pass through untouched. ``param_groups`` are the inner optimizer's, so schedulers work; the
     state_dict holds each master in its parameter's state (``master_weight``). With a closure, it is evaluated
     once, before the step (optimizers that re-evaluate it, such as L-BFGS, are not supported).
+
+    ``accumulate_in_float32=True`` (default False, the behaviour above) sums the gradients of several backward
+    passes (micro-batches of gradient accumulation) in float32: a hook on each half-precision parameter
+    (``register_post_accumulate_grad_hook``) adds the parameter's gradient into its master's float32 ``.grad``
+    as soon as a backward has produced it, and frees it (``p.grad = None``). A bfloat16 ``.grad`` would instead
+    round every partial sum to 8 significant bits. The float32 gradient then lives from the first backward to
+    the step (``memory().grads``), in place of the bfloat16 gradient and of the step's float32 copy. The
+    model's half-precision parameters hold no gradient after backward: clip (or inspect) the optimizer's own
+    parameters, ``opt.master_parameters()``, after ``opt.pull_gradients()`` (or ``mp.unscale_(opt)``), not
+    ``model.parameters()``, whose norm would read 0. :meth:`remove_hooks` takes the hooks off.
     """
 
     _PARAM_KEYS = ("master_weight",)
     _NESTED_KEYS = ("master_weights",)
 
-    def __init__(self, optimizer: Optimizer) -> None:
+    def __init__(self, optimizer: Optimizer, accumulate_in_float32: bool = False) -> None:
         super().__init__(optimizer)
         if any(optimizer.state.values()):
             raise ValueError("MasterWeights: wrap the optimizer before its first step (its state is not empty)")
+        if not isinstance(accumulate_in_float32, bool):
+            raise TypeError(f"MasterWeights: accumulate_in_float32 must be a bool, got {accumulate_in_float32!r}")
+        self.accumulate_in_float32 = accumulate_in_float32
         self._model_params: dict[Tensor, Tensor] = {}  # master -> model parameter
+        self._masters: dict[Tensor, Tensor] = {}  # model parameter -> master (the hooks' lookup)
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._pulled = False
         for group in self.param_groups:
             group["params"] = [self._master_of(p) for p in group["params"]]
@@ -148,7 +172,34 @@ class MasterWeights(OptimizerWrapper):
             )
         master = p.detach().to(torch.float32, copy=True).requires_grad_(p.requires_grad)
         self._model_params[master] = p
+        self._masters[p] = master
+        if self.accumulate_in_float32 and p.requires_grad:
+            self._hooks.append(p.register_post_accumulate_grad_hook(self._accumulate))
         return master
+
+    @torch.no_grad()
+    def _accumulate(self, p: Tensor) -> None:
+        # runs once per backward for p, after autograd has summed all of that backward's contributions into
+        # p.grad (a parameter used twice included); p.grad holds only this backward's gradient, because the
+        # previous one's was moved out here, so no sum is ever rounded to half precision
+        master = self._masters[p]
+        if master.grad is None:
+            master.grad = p.grad.to(torch.float32)
+        else:
+            master.grad.add_(p.grad)  # float32 += half: computed and stored in float32
+        p.grad = None
+
+    def remove_hooks(self) -> None:
+        """Take off the hooks of ``accumulate_in_float32``: the gradients are summed in the model's ``.grad`` again
+        (and copied to float32 at the step); a float32 sum already made is kept for the next step."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+    def master_parameters(self) -> list[Tensor]:
+        """The tensors the inner optimizer steps, in param-group order: the float32 master of each half-precision
+        parameter and the model's own float32 parameters. Clip these (after :meth:`pull_gradients`)."""
+        return self._params()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         params = param_group["params"]
@@ -161,15 +212,21 @@ class MasterWeights(OptimizerWrapper):
     @torch.no_grad()
     def pull_gradients(self) -> None:
         """Copy the model's gradients into the masters' (float32), once per step: a second call (GradScaler's
-        step after its unscale_) keeps the unscaled copies. ``step()`` calls it when it has not run."""
+        step after its unscale_) keeps the unscaled copies. ``step()`` calls it when it has not run. Under
+        ``accumulate_in_float32`` the masters already hold the float32 sums; a gradient the hooks did not see
+        (set by hand, or summed after :meth:`remove_hooks`) is added to them."""
         if self._pulled:
             return
         for master, p in self._model_params.items():
-            master.grad = None if p.grad is None else p.grad.to(torch.float32)
+            if not self.accumulate_in_float32:
+                master.grad = None if p.grad is None else p.grad.to(torch.float32)
+            elif p.grad is not None:
+                self._accumulate(p)
         self._pulled = True
 
     def release_gradients(self) -> None:
-        """Free the float32 gradient copies; the next :meth:`pull_gradients` copies afresh."""
+        """Free the float32 gradients (copies, or the sums of ``accumulate_in_float32``); the next
+        :meth:`pull_gradients` copies afresh."""
         for master in self._model_params:
             master.grad = None
         self._pulled = False
@@ -221,11 +278,18 @@ class MasterWeights(OptimizerWrapper):
         """The bytes each part of the model states takes now (optimizer state appears after the first step)."""
         model_params = [self._model_params.get(p, p) for p in self._params()]
         state = [t for s in self.optimizer.state.values() for t in s.values() if isinstance(t, Tensor)]
+        masters = sum(m.nbytes for m in self._model_params)
+        # a gradient has its parameter's dtype and size; under accumulate_in_float32 a half-precision parameter's
+        # gradient is its master's (float32) from the first backward to the step, and the step copies nothing
+        grads = [
+            m if m in self._model_params and self.accumulate_in_float32 else p
+            for m, p in zip(self._params(), model_params)
+        ]
         return TrainingMemory(
             params=sum(p.nbytes for p in model_params),
-            grads=sum(p.nbytes for p in model_params),  # a gradient has its parameter's dtype and size
-            master_weights=sum(m.nbytes for m in self._model_params),
+            grads=sum(g.nbytes for g in grads),
+            master_weights=masters,
             optimizer_state=sum(t.nbytes for t in state),
-            step_buffers=sum(m.nbytes for m in self._model_params),
+            step_buffers=0 if self.accumulate_in_float32 else masters,
             num_params=sum(p.numel() for p in model_params),
         )
