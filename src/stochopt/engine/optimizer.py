@@ -416,7 +416,8 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
                 "or 'int8'"
             )
         params = group["params"]
-        for index, p in enumerate([params] if isinstance(params, Tensor) else params):
+        group["params"] = params = [params] if isinstance(params, Tensor) else list(params)  # a generator once
+        for index, p in enumerate(params):
             if p.dtype != torch.bfloat16:
                 raise ValueError(
                     f"weight_rounding={rounding!r} is for bfloat16 parameters; params[{index}] of the group is "
