@@ -3,6 +3,9 @@
 
     python examples/lean_state.py                    # both workloads, 3 seeds, then the speed
     python examples/lean_state.py --steps 100 --seeds 1 --workloads digits_mlp --speed-params 0   # a quick look
+    python examples/lean_state.py --workloads "" --speed-matrix 4096x2048   # the speed alone, on one matrix
+
+The speed rows include bitsandbytes' and torchao's 8-bit AdamW where they are installed.
 
 The configurations (see docs/lean.md):
 
@@ -87,17 +90,44 @@ def quality(workloads: list[str], seeds: int, steps: dict[str, int]) -> dict[str
     return results
 
 
-def speed(total_params: int, steps: int = 20) -> dict[str, float]:
-    """Params/s of AdamW's fused step (the compiled kernel) per state storage, interleaved rounds, min time."""
-    shapes = model_like_shapes(total_params)
+def peer_8bit_adamw() -> dict[str, type]:
+    """The 8-bit AdamW of bitsandbytes and torchao, where installed (neither is a dependency: ``pip install
+    bitsandbytes torchao`` to have them beside stochopt's), each with its own defaults (bitsandbytes: blocks of
+    256 values on the CPU, tensors under 4096 values in float32; torchao: blocks of 256)."""
+    peers = {}
+    try:
+        import bitsandbytes
+
+        peers["bitsandbytes AdamW8bit"] = bitsandbytes.optim.AdamW8bit
+    except ImportError:
+        pass
+    try:
+        from torchao.optim import AdamW8bit
+
+        peers["torchao AdamW8bit"] = AdamW8bit
+    except ImportError:
+        pass
+    return peers
+
+
+def speed(total_params: int, steps: int = 20, matrix: tuple[int, int] | None = None) -> tuple[dict, dict]:
+    """Params/s of AdamW's fused step per state storage (stochopt's compiled kernel in each of its rows), and of
+    the peers' 8-bit AdamW where installed: interleaved rounds, the minimum time of each. On ``total_params``
+    of model-like shapes, or on one matrix of shape ``matrix``."""
+    shapes = [matrix] if matrix else model_like_shapes(total_params)
+    makers = {
+        label: (lambda ps, options=options: stochopt.AdamW(ps, lr=1e-3, fused=True, **options))
+        for label, options in (
+            ("fp32 state", {}),
+            ("bf16 state", {"state_dtype": BF16}),
+            ("int8 state", {"state_dtype": "int8"}),
+        )
+    }
+    makers.update({label: (lambda ps, cls=cls: cls(ps, lr=1e-3)) for label, cls in peer_8bit_adamw().items()})
     runs = {}
-    for label, options in (
-        ("fp32 state", {}),
-        ("bf16 state", {"state_dtype": BF16}),
-        ("int8 state", {"state_dtype": "int8"}),
-    ):
+    for label, make in makers.items():
         params = make_params(shapes)
-        opt = stochopt.AdamW(params, lr=1e-3, fused=True, **options)
+        opt = make(params)
         opt.use_native_fused = False  # stochopt's kernel in every row (torch's own exists for float32 only)
         start = time.perf_counter()
         for _ in range(3):
@@ -111,7 +141,22 @@ def speed(total_params: int, steps: int = 20) -> dict[str, float]:
                 opt.step()
                 times.append(time.perf_counter() - start)
     n = sum(math.prod(s) for s in shapes)
-    return {label: n / min(times) for label, (_, times) in runs.items()}
+    return {label: n / min(times) for label, (_, times) in runs.items()}, {
+        label: eight_bit_fraction(opt) for label, (opt, _) in runs.items()
+    }
+
+
+def eight_bit_fraction(opt: torch.optim.Optimizer) -> float:
+    """The fraction of the parameters whose state ``opt`` keeps in 8 bits: a uint8 state tensor or a tensor
+    subclass (torchao's). torchao quantizes only tensors whose size its block size divides, and keeps the
+    others in float32: its row is then float32 state, and this column says so."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+
+    def eight_bit(value: object) -> bool:
+        return isinstance(value, torch.Tensor) and (value.dtype == torch.uint8 or type(value) is not torch.Tensor)
+
+    quantized = sum(p.numel() for p in params if any(map(eight_bit, opt.state[p].values())))
+    return quantized / sum(p.numel() for p in params)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -120,9 +165,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, help="steps per run (default: char_gpt 400, digits_mlp 1500)")
     parser.add_argument("--speed-params", type=int, default=30_000_000, help="0: skip the speed measurement")
+    parser.add_argument("--speed-matrix", metavar="ROWSxCOLS", help="measure the speed on one matrix instead")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    matrix = None
+    if args.speed_matrix:
+        try:
+            matrix = tuple(int(n) for n in args.speed_matrix.lower().split("x"))
+        except ValueError:
+            matrix = ()
+        if len(matrix) != 2 or min(matrix) < 1:
+            parser.error(f"--speed-matrix must be ROWSxCOLS (positive), got {args.speed_matrix!r}")
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     steps = {"char_gpt": 400, "digits_mlp": 1500}
     steps = {name: args.steps or steps.get(name, 500) for name in workloads}
@@ -136,10 +190,12 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"| {config} | {mean:.4f} | {max(losses) - min(losses):.4f} | {mean - reference:+.4f} |")
     out = {"quality": results}
     if args.speed_params:
-        rates = speed(args.speed_params)
-        print(f"\nfused AdamW step, {args.speed_params:,} parameters: params/s relative to float32 state")
+        rates, fractions = speed(args.speed_params, matrix=matrix)
+        what = f"one {matrix[0]}x{matrix[1]} matrix" if matrix else f"{args.speed_params:,} parameters"
+        print(f"\nAdamW step, {what}: params/s relative to stochopt's float32 state")
+        print("| state | params/s | against float32 state | parameters with 8-bit state |\n|---|---|---|---|")
         for label, rate in rates.items():
-            print(f"| {label} | {rate / 1e6:.0f} M params/s | {rate / rates['fp32 state']:.2f}x |")
+            print(f"| {label} | {rate / 1e6:.0f} M | {rate / rates['fp32 state']:.3f}x | {fractions[label]:.0%} |")
         out["speed"] = rates
     return out
 

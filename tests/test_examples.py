@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+import stochopt
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -43,3 +46,12 @@ def test_lean_state_example_runs_every_configuration():
     losses = result["quality"]["digits_mlp"]
     assert set(losses) == set(load("lean_state").CONFIGS)
     assert all(0 < loss[0] < 2.5 for loss in losses.values())  # 20 steps from ln(10) = 2.30: finite and learning
+
+
+def test_lean_state_counts_the_parameters_whose_state_is_8_bit():
+    big, small = torch.zeros(4096, requires_grad=True), torch.zeros(10, requires_grad=True)
+    for state_dtype, expected in (("int8", 4096 / 4106), (torch.bfloat16, 0.0)):
+        opt = stochopt.AdamW([big, small], lr=1e-3, foreach=False, state_dtype=state_dtype)
+        big.grad, small.grad = torch.ones_like(big), torch.ones_like(small)
+        opt.step()
+        assert load("lean_state").eight_bit_fraction(opt) == pytest.approx(expected)

@@ -109,6 +109,36 @@ def test_coding_is_nearest_per_block_over_many_magnitudes(signed):
     torch.testing.assert_close(decoded[others], ref_decode(ref_codes, ref_absmax, signed)[others], rtol=1e-15, atol=0)
 
 
+def boundary_values(signed: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, midpoints): the map's decision boundaries in ``dtype``, each with its neighbours one ulp either
+    side, the decades' edges with theirs, 0, the extremes, and values spread over twelve decades."""
+    table = paper_map(signed)
+    mids = ((table[1:] + table[:-1]) / 2).to(dtype)
+    edges = torch.tensor([10.0**k for k in range(-9, 1)], dtype=dtype)
+    points = torch.cat([mids, edges, -edges if signed else edges, torch.tensor([0.0, 1.0, 1e-30], dtype=dtype)])
+    up, down = torch.full_like(points, 2.0), torch.full_like(points, -2.0)
+    points = torch.cat([points, torch.nextafter(points, up), torch.nextafter(points, down)])
+    gen = torch.Generator().manual_seed(1)
+    spread = torch.logspace(-12, 0, 20000, dtype=torch.float64)
+    spread = spread * (torch.randint(0, 2, spread.shape, generator=gen) * 2 - 1 if signed else 1)
+    values = torch.cat([points, spread.to(dtype)])
+    return values[(values.abs() <= 1) & ((values >= 0) | signed)], mids
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("signed", [True, False])
+def test_the_coder_of_compiled_steps_gives_the_codes_of_the_search(signed, dtype):
+    """Compiled, the codes come from arithmetic (storage._arithmetic_codes), eagerly from a search of the
+    boundaries (bucketize, which the test above holds to the nearest value): the same codes, eagerly and
+    compiled, at every boundary and one ulp either side of it."""
+    values, mids = boundary_values(signed, dtype)
+    search = torch.bucketize(values, mids)
+    assert torch.equal(storage._arithmetic_codes(values, signed, mids), search)
+    if dtype == torch.float32:  # the fused paths compute in float32 (the update tests below run float64)
+        compiled = torch.compile(storage._arithmetic_codes, fullgraph=True, dynamic=False)
+        assert torch.equal(compiled(values, signed, mids), search)
+
+
 # ----- the 8-bit update against float64 loops ----------------------------------------------------------------
 def read(state: dict, name: str, signed: bool) -> torch.Tensor:
     """A moment of the reference: decoded where it is kept as (codes, scales), else as it is."""

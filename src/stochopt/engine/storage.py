@@ -91,11 +91,21 @@ def init_code(signed: bool, init: float) -> int:
     return 255 if init > 0 else 0
 
 
+def _float64_table(signed: bool) -> tuple[Tensor, Tensor]:
+    values = torch.tensor(_MAPS[signed], dtype=torch.float64)
+    return values, (values[1:] + values[:-1]) / 2
+
+
+#: the maps and their midpoints in float64, made once: a module-level tensor is one constant of a traced graph,
+#: where ``torch.tensor`` of the 256 numbers inside it is 256 scalar buffers stacked every step (measured: the
+#: fused 8-bit AdamW step moved 4,000 buffers and compiled for 130 s)
+_TABLES = {signed: _float64_table(signed) for signed in (True, False)}
+
+
 def _table(signed: bool, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """The map and the midpoints between its neighbours (the coding's decision boundaries) as tensors: made
-    per call (a graph constant when traced; 256 values), because dynamo does not trace through a cache."""
-    values = torch.tensor(_MAPS[signed], dtype=torch.float64, device=device)
-    return values.to(dtype), ((values[1:] + values[:-1]) / 2).to(dtype)
+    """The map and the midpoints between its neighbours (the coding's decision boundaries) in ``dtype``."""
+    values, mids = _TABLES[signed]
+    return values.to(device=device, dtype=dtype), mids.to(device=device, dtype=dtype)
 
 
 def dequantize(codes: Tensor, absmax: Tensor, signed: bool, dtype: torch.dtype) -> Tensor:
@@ -118,13 +128,55 @@ def quantize(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     absmax = blocks.abs().amax(dim=1).to(torch.float32)
     scale = torch.where(absmax > 0, absmax, 1.0).to(x.dtype)
     _, mids = _table(signed, x.device, x.dtype)
-    codes = torch.bucketize(blocks / scale[:, None], mids)
+    y = blocks / scale[:, None]
+    # the same codes either way (tests/engine/test_storage.py checks both against a nearest-value search):
+    # traced, the arithmetic coder is faster (measured on 8M values, 2 cores: 24 ms against bucketize's 59 ms
+    # inside an inductor kernel); eagerly, its twenty passes over the tensor are slower (403 ms against 62 ms)
+    codes = _arithmetic_codes(y, signed, mids) if torch.compiler.is_compiling() else torch.bucketize(y, mids)
     if not signed:
         # a positive second moment is never coded as 0 (its smallest code instead): a first moment of the same
         # gradients keeps values 3 decades smaller than a second moment can, and m / (sqrt(0) + eps) is a step
         # of lr * m / eps (measured on the digits MLP: thousands of such values, the loss 0.12-0.18 against 0.11)
         codes = torch.where((blocks > 0) & (codes == 0), 1, codes)
     return codes.to(torch.uint8).view(-1)[: flat.numel()].view(x.shape), absmax
+
+
+def _decade_lines(signed: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per decade e of the map (|y| in [10^(e-7), 10^(e-6))), the line code ~ slope * |y| + intercept that runs
+    through its equal steps: e's 2^e (signed, counted from the zero code) or 2^(e+1) (unsigned) steps of
+    0.9 * 10^(e-6) / steps each, starting at 0.1 * 10^(e-6), after the codes of the decades below it."""
+    slopes, intercepts = [], []
+    for e in range(7):
+        steps = 2**e if signed else 2 ** (e + 1)
+        first = steps if signed else steps - 1  # the code offset of the decade's first step
+        slopes.append(steps / (0.9 * 10.0 ** (e - 6)))
+        intercepts.append(first - 0.1 * steps / 0.9)
+    return tuple(slopes), tuple(intercepts)
+
+
+_LINES = {signed: _decade_lines(signed) for signed in (True, False)}
+
+
+def _arithmetic_codes(y: Tensor, signed: bool, mids: Tensor) -> Tensor:
+    """The code of the map value nearest to each ``y`` (in [-1, 1]), as ``bucketize(y, mids)`` gives it, by
+    arithmetic instead of a search: the decade of |y| by six comparisons, the step within the decade from the
+    decade's line, then one comparison with the two decision boundaries either side of that code. The estimate
+    is at most one code off (the line is exact but for rounding, and off by one only between a decade's edge
+    and the boundary of the codes either side of it; boundaries are at least 0.7 % apart), so the comparison
+    with the exact boundaries makes the result exact. Comparisons and selects rather than log10 and pow:
+    inductor vectorizes both, but the transcendental functions cost more than the rest of the coder."""
+    a = y.abs()
+    slopes, intercepts = _LINES[signed]
+    slope, intercept = torch.full_like(a, slopes[0]), torch.full_like(a, intercepts[0])
+    for e in range(1, 7):
+        above = a >= 10.0 ** (e - 7)
+        slope = torch.where(above, slopes[e], slope)
+        intercept = torch.where(above, intercepts[e], intercept)
+    offset = torch.floor(torch.addcmul(intercept, a, slope)).clamp(min=0)
+    code = (torch.where(y < 0, 127 - offset, 127 + offset) if signed else offset).to(torch.int64)
+    code = code.clamp(0, 255)  # NaN: whatever the conversion made of it, indexes inside the table
+    edges = torch.cat([mids.new_full((1,), -math.inf), mids, mids.new_full((1,), math.inf)])
+    return code + (y > edges[code + 1]).to(torch.int64) - (y <= edges[code]).to(torch.int64)
 
 
 def absmax_name(name: str) -> str:
