@@ -1,6 +1,7 @@
 """stochopt: stochastic optimizers for PyTorch, exact and fast, with the tools to train and compare them."""
 
 from stochopt.engine import EngineOptimizer, NonFiniteGradientError
+from stochopt.extras import installed_version
 from stochopt.optim import (
     ADOPT,
     MARS,
@@ -38,7 +39,7 @@ from stochopt.optim import (
 from stochopt.registry import create_optimizer, list_optimizers, optimizer_entry, register
 from stochopt.training import EMA, SWA
 
-__version__ = "0.1.0"
+__version__ = installed_version()
 
 __all__ = [
     "QHM", "SGD", "AdaBound", "Adadelta", "Adagrad", "Adam", "AdamW", "LazyAdam", "Lion", "NAdam", "QHAdam",

@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from stochopt.extras import MissingExtraError, installed_version, require
+
 
 class UsageError(Exception):
     """A bad input on the command line: :func:`main` prints it as ``stochopt: error: ...`` and returns 2."""
@@ -277,6 +279,7 @@ def _viz(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    require("optuna", "rich", "scipy", "sklearn", feature="stochopt bench")
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -393,6 +396,7 @@ def _all_workloads() -> list[str]:
 
 
 def _report(args: argparse.Namespace) -> int:
+    require("optuna", "matplotlib", feature="stochopt report", extra="bench")
     from stochopt.bench.report import write_report
     from stochopt.bench.suite import load_result
 
@@ -463,6 +467,7 @@ def _ddp(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="stochopt", description="stochastic optimizers for PyTorch")
+    parser.add_argument("--version", action="version", version=f"stochopt {installed_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p_list = sub.add_parser("list", help="every optimizer, with what it is and its reference")
     p_list.set_defaults(func=_list)
@@ -628,6 +633,9 @@ def main(argv: list[str] | None = None) -> int:
         message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
         print(f"stochopt: error: {message}", file=sys.stderr)
         return 2
+    except MissingExtraError as err:
+        print(f"stochopt: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -14,12 +14,15 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
+from stochopt.extras import require
+
 
 def digits(seed: int = 0, val_fraction: float = 0.2) -> tuple[TensorDataset, TensorDataset]:
     """scikit-learn's 1797 8x8 digits (bundled with scikit-learn), pixels scaled to [0, 1] as 64 features,
     split train/validation by a seeded permutation (80/20 by default)."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    require("sklearn", feature="the digits dataset")
     from sklearn.datasets import load_digits
 
     data = load_digits()

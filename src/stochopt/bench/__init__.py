@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from stochopt.extras import require
+
 _EXPORTS = {
     "Algorithm": "algorithms", "load_algorithm": "algorithms", "resolve_optimizer": "algorithms",
     "shipped_algorithms": "algorithms", "TrialResult": "runner", "run_trial": "runner", "run_benchmark": "suite",
@@ -22,7 +24,13 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
+#: the modules that import Optuna (the search and the trial storage), directly or through another
+_ON_OPTUNA = {"suite", "calibrate", "report", "storage"}
+
+
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
+        if _EXPORTS[name] in _ON_OPTUNA:
+            require("optuna", "scipy", feature=f"stochopt.bench.{name}")
         return getattr(importlib.import_module(f"stochopt.bench.{_EXPORTS[name]}"), name)
     raise AttributeError(f"module 'stochopt.bench' has no attribute {name!r}")

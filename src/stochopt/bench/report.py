@@ -25,6 +25,7 @@ from stochopt.bench.scoring import (
 )
 from stochopt.bench.storage import TrialRecord
 from stochopt.bench.suite import UNITS, BenchmarkResult
+from stochopt.extras import require
 
 BASELINE = BASELINES[0]  # speed-ups are against the first AlgoPerf baseline
 
@@ -164,6 +165,7 @@ def failure_rows(records: list[TrialRecord]) -> list[list[str]]:
 
 def plot_curves(records: list[TrialRecord], workload: str, path: Path, algorithms: list[str]) -> None:
     """Validation metric against training seconds, one line per algorithm (its best trial), the target dashed."""
+    require("matplotlib", feature="the benchmark report's plots", extra="bench")
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.4, 4.0), layout="constrained")
@@ -192,6 +194,7 @@ def plot_curves(records: list[TrialRecord], workload: str, path: Path, algorithm
 def plot_profiles(tables_by_unit: dict[str, Table], path: Path) -> None:
     """rho_a(tau) on [1, 4] for every algorithm, one panel per unit (seconds, steps): the fraction of workloads
     within tau of the fastest."""
+    require("matplotlib", feature="the benchmark report's plots", extra="bench")
     from matplotlib.figure import Figure
 
     taus = [1 + (TAU_MAX - 1) * i / 300 for i in range(301)]

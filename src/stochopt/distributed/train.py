@@ -35,6 +35,7 @@ from stochopt.distributed.launch import (
 )
 from stochopt.distributed.state import CommStats, allreduce_bytes
 from stochopt.distributed.zero import zero_optimizer
+from stochopt.extras import require
 from stochopt.registry import create_optimizer
 
 
@@ -394,6 +395,7 @@ def write_results(results: list[MethodResult], out_dir: str | Path) -> list[Path
 
 def plot_loss_vs_bytes(results: list[MethodResult], path: str | Path) -> None:
     """Training-set loss against gradient bytes sent per rank (log scale), and against steps."""
+    require("matplotlib", feature="the loss-against-bytes plot")
     from matplotlib.figure import Figure  # no pyplot: no global state, no display backend
 
     fig = Figure(figsize=(11, 4.2), layout="constrained")

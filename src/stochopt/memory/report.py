@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from stochopt.extras import require
 from stochopt.memory.estimate import MemoryEstimate
 
 LABELS = {
@@ -37,6 +38,7 @@ def format_table(estimates: Sequence[MemoryEstimate]) -> str:
 
 def plot_memory(estimates: Sequence[MemoryEstimate], path: str) -> None:
     """A stacked bar per estimate, one color per item, in GB."""
+    require("matplotlib", feature="the memory plot")
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(1.6 * len(estimates) + 4, 4.5), layout="constrained")

@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from stochopt.engine import checks
+from stochopt.extras import require
 
 DECAYS = ("cosine", "linear", "sqrt")
 
@@ -237,6 +238,7 @@ def schedule_curve(
 
 def plot_schedules(curves: dict[str, list[float]], path: str, title: str = "learning-rate schedule") -> None:
     """Write a PNG of lr against step for each named curve."""
+    require("matplotlib", feature="the schedule plot")
     from matplotlib.figure import Figure  # no pyplot: no global state, no display backend
 
     fig = Figure(figsize=(7, 4), layout="constrained")

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from stochopt.extras import require
+
 
 def momentum_memory(betas: Sequence[float] = (0.5, 0.9, 0.99), steps: int = 100) -> dict[float, list[float]]:
     r"""The weight :math:`\beta^n` heavy-ball momentum gives a gradient :math:`n` steps old."""
@@ -29,6 +31,7 @@ def bias_correction(beta1: float = 0.9, beta2: float = 0.999, steps: int = 50, s
 
 
 def plot_momentum_memory(png: str, betas: Sequence[float] = (0.5, 0.9, 0.99), steps: int = 100) -> None:
+    require("matplotlib", feature="the figures")
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4), layout="constrained")
@@ -42,6 +45,7 @@ def plot_momentum_memory(png: str, betas: Sequence[float] = (0.5, 0.9, 0.99), st
 
 
 def plot_bias_correction(png: str, beta1: float = 0.9, beta2: float = 0.999, steps: int = 50) -> None:
+    require("matplotlib", feature="the figures")
     from matplotlib.figure import Figure
 
     data = bias_correction(beta1, beta2, steps)

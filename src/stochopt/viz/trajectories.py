@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from stochopt.extras import require
 from stochopt.registry import create_optimizer
 from stochopt.viz.functions import Surface
 
@@ -88,6 +89,7 @@ def _contour(ax: Any, function: Surface) -> None:
 
 def plot_paths(function: Surface, paths: dict[str, Tensor], png: str, loss_png: str | None = None) -> None:
     """Contour plot with each path; with ``loss_png``, also f against step (log scale)."""
+    require("matplotlib", feature="the trajectory pictures")
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 6), layout="constrained")
@@ -113,6 +115,7 @@ def plot_paths(function: Surface, paths: dict[str, Tensor], png: str, loss_png: 
 
 def animate_paths(function: Surface, paths: dict[str, Tensor], gif: str, frames: int = 60, fps: int = 15) -> None:
     """A GIF of the paths growing step by step (at most ``frames`` frames, steps spread evenly over them)."""
+    require("matplotlib", feature="the trajectory pictures")
     from matplotlib.animation import FuncAnimation, PillowWriter
     from matplotlib.figure import Figure
 

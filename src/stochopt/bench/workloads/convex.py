@@ -11,6 +11,7 @@ from torch import nn
 
 from stochopt.bench.workloads.base import Batch, Workload
 from stochopt.bench.workloads.common import seeded, shuffled_batches, stored_target
+from stochopt.extras import require
 
 
 class LeastSquares(Workload):
@@ -95,6 +96,7 @@ class Logistic(Workload):
     description = "logistic regression on scikit-learn's breast-cancer data, standardized"
 
     def setup(self) -> None:
+        require("sklearn", feature="the breast-cancer dataset")
         from sklearn.datasets import load_breast_cancer
 
         data = load_breast_cancer()
