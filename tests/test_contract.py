@@ -523,6 +523,15 @@ def test_nonfinite_policies() -> None:
     with pytest.raises(NonFiniteGradientError, match="gradient 2"):
         raising.step()
     assert issubclass(NonFiniteGradientError, ValueError)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+    named = stochopt.SGD(model.named_parameters(), lr=0.1, nonfinite="raise")
+    model(torch.randn(4, 3)).sum().backward()
+    model[1].weight.grad[0, 1] = math.nan
+    with pytest.raises(NonFiniteGradientError, match=r"the gradient of '1\.weight' holds inf or NaN"):
+        named.step()
+    model[1].weight.grad = model[1].weight.grad.to_sparse()
+    with pytest.raises(ValueError, match=r"sparse gradients \('1\.weight', shape \(1, 3\)\)"):
+        named.step()
 
 
 # Adafactor: kernels that keep the parameter's shape, in two stages (engine.stage_boundary)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -297,3 +299,44 @@ def test_create_optimizer_with_a_model_follows_muons_rule() -> None:
     assert set(opt.state[model.embed.weight]) == {"step", "exp_avg", "exp_avg_sq"}  # AdamW's state
     assert set(opt.state[model.out.weight]) == {"step", "exp_avg", "exp_avg_sq"}
     assert set(opt.state[model.block[0].weight]) == {"step", "momentum_buffer"}
+
+
+class HFStyleLM(nn.Module):
+    """Names as a Hugging Face decoder has them: model.embed_tokens, model.layers.N, lm_head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(20, 8)
+        self.model.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+        self.lm_head = nn.Linear(8, 20, bias=False)
+
+
+def test_named_parameters_or_the_model_keep_embeddings_and_heads_out_of_muon() -> None:
+    model = HFStyleLM()
+    named = stochopt.Muon(model.named_parameters(), lr=0.02)
+    owners = {name: g["use_muon"] for g in named.param_groups for name in g["param_names"]}
+    layers = {f"model.layers.{i}.{kind}": None for i in range(2) for kind in ("weight", "bias")}
+    assert owners == {**layers, "model.embed_tokens.weight": False, "lm_head.weight": False}
+    from_module = stochopt.Muon(model, lr=0.02)
+    muon = {id(p) for g in from_module.param_groups if g["use_muon"] for p in g["params"]}
+    assert muon == {id(layer.weight) for layer in model.model.layers}
+    grouped = stochopt.Muon([{"params": list(model.named_parameters()), "weight_decay": 0.0}], lr=0.02)
+    assert [(g["use_muon"], g["weight_decay"]) for g in grouped.param_groups] == [(None, 0.0), (False, 0.0)]
+    ids = torch.randint(0, 20, (16,), generator=torch.Generator().manual_seed(0))
+    nn.functional.cross_entropy(model.lm_head(model.model.layers[1](model.model.embed_tokens(ids))), ids).backward()
+    named.step()
+    assert set(named.state[model.lm_head.weight]) == {"step", "exp_avg", "exp_avg_sq"}  # AdamW's
+    assert set(named.state[model.model.layers[1].weight]) == {"step", "momentum_buffer"}  # Muon's
+    assert not stochopt.optim.muon.adamw_by_name("encoder.layer.0.attention.output.dense.weight")
+
+
+def test_bare_matrices_are_muons_with_a_warning() -> None:
+    model = HFStyleLM()
+    with pytest.warns(UserWarning, match="without names"):
+        opt = stochopt.Muon(model.parameters(), lr=0.02)
+    assert [g["use_muon"] for g in opt.param_groups] == [None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stochopt.Muon([torch.zeros(3, requires_grad=True)], lr=0.02)  # vectors only: nothing to judge
+        stochopt.Muon([{"params": list(model.parameters()), "use_muon": True}], lr=0.02)  # the user decided

@@ -66,7 +66,75 @@ def test_callable_rule_sees_the_owning_module():
 def test_layer_ids_count_from_the_input():
     ids = layer_ids(Tiny())
     assert ids["embed.weight"] == 0 and ids["blocks.0.1.weight"] == 1 and ids["blocks.2.3.bias"] == 3
-    assert ids["norm.weight"] == 4 and ids["head.weight"] == 5 and ids["scale"] == 0
+    assert ids["norm.weight"] == 4 and ids["head.weight"] == 4 and ids["scale"] == 0
+
+
+class Block(nn.Module):
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.attn = nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+
+
+class HFInner(nn.Module):  # the shape of a Hugging Face decoder: model.model.layers.N, then model.lm_head
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(20, 8)
+        self.layers = nn.ModuleList(Block() for _ in range(4))
+        self.norm = nn.RMSNorm(8)
+
+
+class HFStyle(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = HFInner()
+        self.lm_head = nn.Linear(8, 20, bias=False)
+
+
+class TimmStyle(nn.Module):  # timm's ViT: class token and position embedding on the model, blocks.N
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 8))
+        self.patch_embed = nn.Conv2d(3, 8, 4, 4)
+        self.blocks = nn.Sequential(*(Block() for _ in range(3)))
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 10)
+
+
+class TorchvisionStyle(nn.Module):  # a ResNet: stem, stages layer1..layerK of blocks, fc
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+        self.layer1 = nn.Sequential(Block(), Block())
+        self.layer2 = nn.Sequential(Block(), Block())
+        self.fc = nn.Linear(8, 10)
+
+
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        (HFStyle(), {"model.embed_tokens.weight": 0, "model.layers.0.attn.weight": 1, "model.layers.3.mlp.2.bias": 4,
+                     "model.norm.weight": 5, "lm_head.weight": 5}),
+        (TimmStyle(), {"cls_token": 0, "patch_embed.weight": 0, "blocks.0.mlp.0.weight": 1, "blocks.2.attn.bias": 3,
+                       "norm.bias": 4, "head.weight": 4}),
+        (TorchvisionStyle(), {"conv1.weight": 0, "bn1.bias": 0, "layer1.0.attn.weight": 1, "layer1.1.mlp.0.bias": 2,
+                              "layer2.0.attn.weight": 3, "layer2.1.mlp.2.weight": 4, "fc.weight": 5}),
+    ],
+    ids=["hugging-face", "timm", "torchvision"],
+)  # fmt: skip
+def test_layer_decay_finds_the_blocks_anywhere_in_the_tree(model, expected):
+    ids = layer_ids(model)
+    assert {name: ids[name] for name in expected} == expected
+    depth = max(expected.values())
+    lr_of = {n: g["lr"] for g in param_groups(model, lr=1.0, layer_decay=0.5) for n in g["param_names"]}
+    assert {name: lr_of[name] for name in expected} == {name: 0.5 ** (depth - i) for name, i in expected.items()}
+    assert len(set(lr_of.values())) == depth + 1  # every block its own learning rate
+
+
+def test_without_containers_each_top_level_child_is_a_layer():
+    model = nn.Module()
+    model.a, model.b, model.c = nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 1)
+    assert layer_ids(model) == {"a.weight": 1, "a.bias": 1, "b.weight": 2, "b.bias": 2, "c.weight": 3, "c.bias": 3}
 
 
 def test_layer_wise_lr_decay():
@@ -74,7 +142,7 @@ def test_layer_wise_lr_decay():
     groups = param_groups(model, weight_decay=0.1, lr=1.0, layer_decay=0.5)
     ids = layer_ids(model)
     lr_of = {name: g["lr"] for g in groups for name in g["param_names"]}
-    assert all(lr_of[name] == 0.5 ** (5 - ids[name]) for name in ids)
+    assert all(lr_of[name] == 0.5 ** (4 - ids[name]) for name in ids)  # embed 0 .. norm and head 4
     custom = param_groups(model, lr=1.0, layer_decay=0.5, layer_of=lambda name: 1 if name.startswith("head") else 0)
     lr_of = {name: g["lr"] for g in custom for name in g["param_names"]}
     assert lr_of["head.weight"] == 1.0 and lr_of["embed.weight"] == 0.5

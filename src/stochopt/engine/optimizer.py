@@ -456,7 +456,9 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
         """The group's params that have gradients, and the gradients, checked."""
         params, grads = [], []
         stand_ins = getattr(self, "_stand_ins", {})
+        names = group.get("param_names") or []
         for index, p in enumerate(group["params"]):
+            label = repr(names[index]) if index < len(names) else f"param {index} of its group"
             if id(p) in stand_ins:  # sharded, stepped whole on its owner (None: on another rank)
                 p = stand_ins[id(p)]
                 if p is None:
@@ -465,12 +467,12 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
                 continue
             if p.grad.is_sparse and self._sparse_update is None:
                 raise ValueError(
-                    f"{type(self).__name__} does not support sparse gradients (param {index} of its group, "
-                    f"shape {tuple(p.shape)}); use stochopt.LazyAdam, or nn.Embedding(sparse=False)"
+                    f"{type(self).__name__} does not support sparse gradients ({label}, shape "
+                    f"{tuple(p.shape)}); use stochopt.LazyAdam, or nn.Embedding(sparse=False)"
                 )
             if torch.is_complex(p):
                 raise TypeError(
-                    f"{type(self).__name__} got a complex parameter (param {index}, dtype {p.dtype}); "
+                    f"{type(self).__name__} got a complex parameter ({label}, dtype {p.dtype}); "
                     "optimize torch.view_as_real(param) instead"
                 )
             params.append(p)
@@ -502,6 +504,17 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
     def _tensor_mode(self, group: dict[str, Any], p: Tensor) -> bool:
         return self._on_device(group, p) or torch.compiler.is_compiling()
 
+    def _names(self, group: dict[str, Any]) -> dict[int, str]:
+        """The names of the group's parameters by ``id`` (those of their whole-matrix stand-ins included), where
+        the optimizer was given named parameters; else empty."""
+        stand_ins = getattr(self, "_stand_ins", {})
+        names = {}
+        for p, name in zip(group["params"], group.get("param_names") or []):
+            names[id(p)] = name
+            if stand_ins.get(id(p)) is not None:
+                names[id(stand_ins[id(p)])] = name
+        return names
+
     def _nonfinite_found(self, work: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]) -> bool:
         checked = [(group, params, grads) for group, params, grads in work if group["nonfinite"] and grads]
         # sharded parameters: every rank joins the decision (one that holds no gradient to check included),
@@ -515,10 +528,14 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
         if not sharded.any_found(found, policed):
             return False
         if any(group["nonfinite"] == "raise" for group, _, _ in work):
-            first = next((f"gradient {i}" for i, n in enumerate(norms) if not torch.isfinite(n)), None)
-            where = (
-                f"{first} (counting params with gradients, in group order)" if first else "a gradient on another rank"
-            )
+            bad = next((i for i, n in enumerate(norms) if not torch.isfinite(n)), None)
+            names = [self._names(group).get(id(p)) for group, params, _ in checked for p in params]
+            if bad is None:
+                where = "a gradient on another rank"
+            elif names[bad] is not None:
+                where = f"the gradient of {names[bad]!r}"
+            else:  # built from bare tensors: their place is all there is to name
+                where = f"gradient {bad} (counting params with gradients, in group order)"
             raise NonFiniteGradientError(
                 f"{type(self).__name__}: {where} holds inf or NaN; the step was not taken (nonfinite='raise')"
             )

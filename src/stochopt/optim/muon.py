@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from typing import Any
 
@@ -84,6 +85,59 @@ def owned_by_muon(group: dict[str, Any], p: Tensor) -> bool:
     return p.dim() >= 2 if group["use_muon"] is None else bool(group["use_muon"])
 
 
+#: names of embedding tables anywhere in a model (a dotted segment that starts with "embed", or one of these)
+EMBEDDING_NAMES = ("wte", "wpe", "tok_embeddings", "word_embeddings", "position_embeddings", "token_type_embeddings")
+#: top-level modules that are output heads (HF ``lm_head``/``classifier``, timm ``head``, torchvision ``fc``,
+#: Meta's Llama ``output``): only at the top, where a hidden ``attention.output`` cannot be meant
+HEAD_NAMES = ("lm_head", "head", "classifier", "fc", "output", "embed_out")
+
+
+def adamw_by_name(name: str) -> bool:
+    """The parameter named ``name`` is an embedding or an output head, which Muon must not own."""
+    segments = name.split(".")
+    return segments[0] in HEAD_NAMES or any(s.startswith("embed") or s in EMBEDDING_NAMES for s in segments)
+
+
+def _named(item: Any) -> bool:
+    return isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+
+
+def route_params(params: Any) -> Any:
+    """What Muon is given, with embeddings and heads sent to AdamW where it can tell them: a module becomes
+    :func:`muon_param_groups`; named parameters (``model.named_parameters()``, as a list or in groups without
+    ``use_muon``) are split by name (:func:`adamw_by_name`) into a group of their own with ``use_muon=False``.
+    Unnamed matrices are Muon's by shape alone, with a warning: a shape cannot tell an embedding from a layer."""
+    if isinstance(params, nn.Module):
+        return muon_param_groups(params)
+    if isinstance(params, Tensor) or not hasattr(params, "__iter__") or isinstance(params, (set, frozenset)):
+        return params  # the engine's own checks name what is wrong
+    items = list(params)
+    groups = items if items and all(isinstance(item, dict) for item in items) else [{"params": items}]
+    routed: list[dict[str, Any]] = []
+    for group in groups:
+        members = group.get("params")
+        members = list(members) if isinstance(members, (list, tuple)) else members
+        if group.get("use_muon") is not None or not isinstance(members, list) or not members:
+            routed.append(group)
+            continue
+        if all(_named(item) for item in members):
+            heads = [item for item in members if adamw_by_name(item[0])]
+            hidden = [item for item in members if not adamw_by_name(item[0])]
+            routed += [{**group, "params": hidden}] if hidden else []
+            routed += [{**group, "params": heads, "use_muon": False}] if heads else []
+            continue
+        if any(isinstance(p, Tensor) and p.dim() >= 2 for p in members):
+            warnings.warn(
+                "Muon was given matrices without names: it cannot tell an embedding or an output head (which it "
+                "should not own) from a hidden layer, and orthogonalizes every parameter of two or more dimensions; "
+                "pass the model, model.named_parameters() or muon_param_groups(model)",
+                UserWarning,
+                stacklevel=3,
+            )
+        routed.append(group)
+    return routed
+
+
 class Muon(EngineOptimizer):
     r"""Muon (Jordan et al., 2024, "Muon: An optimizer for hidden layers in neural networks"), with AdamW for the
     parameters it should not own, under one ``step()``.
@@ -104,7 +158,10 @@ class Muon(EngineOptimizer):
     (biases, norm gains) get AdamW (:class:`stochopt.AdamW`'s update, ``adamw_betas``, ``adamw_eps``, the
     group's ``lr`` and ``weight_decay``). Embeddings and the output head are matrices that Muon should not own
     either: a group with ``use_muon=False`` sends all its parameters to AdamW (``use_muon=True`` sends all to
-    Muon); :func:`muon_param_groups` builds those groups from a model, with AdamW's own lr.
+    Muon); :func:`muon_param_groups` builds those groups from a model, with AdamW's own lr. Given the model
+    itself, Muon builds them so; given named parameters (``model.named_parameters()``), it sends embeddings
+    and top-level heads to AdamW by name (:func:`adamw_by_name`); given bare tensors, it warns, since a shape
+    cannot tell an embedding from a hidden layer.
 
     ``distributed=True`` (with torch.distributed initialized): each rank orthogonalizes the matrices
     assigned to it round-robin (the i-th matrix of a group to rank i mod world size) and the updated matrices
@@ -157,7 +214,7 @@ class Muon(EngineOptimizer):
         )  # fmt: skip
         checks.flag("distributed", distributed)
         self.distributed = distributed
-        super().__init__(params, defaults)
+        super().__init__(route_params(params), defaults)
 
     @staticmethod
     def params_from_module(model: nn.Module) -> list[dict[str, Any]]:

@@ -36,19 +36,38 @@ def _rule(no_decay: NoDecayRule | Sequence[str] | None) -> NoDecayRule:
     return lambda name, param, module: any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
+def _blocks(model: nn.Module) -> list[str]:
+    """The names of the repeated blocks: the entries of every outermost ModuleList/Sequential anywhere in the
+    module tree (HF ``model.layers.N``, timm ``blocks.N``, the blocks of each torchvision stage ``layerK.N``),
+    in registration order; a block is not looked into. With none, each top-level child is a block."""
+    blocks: list[str] = []
+
+    def walk(prefix: str, module: nn.Module) -> None:
+        if isinstance(module, (nn.ModuleList, nn.Sequential)):
+            blocks.extend(f"{prefix}{name}" for name, _ in module.named_children())
+            return
+        for name, child in module.named_children():
+            walk(f"{prefix}{name}.", child)
+
+    walk("", model)
+    return blocks or [name for name, _ in model.named_children()]
+
+
 def layer_ids(model: nn.Module) -> dict[str, int]:
-    """Each parameter's layer, counted from the input: every entry of a top-level ModuleList/Sequential is a
-    layer of its own, any other top-level child is one layer, and parameters of the model itself are layer 0.
-    For a transformer ``(embed, blocks, head)`` that is embed 0, blocks 1 .. L, head L + 1."""
-    units: list[str] = []
-    for child_name, child in model.named_children():
-        if isinstance(child, (nn.ModuleList, nn.Sequential)):
-            units += [f"{child_name}.{name}" for name, _ in child.named_children()]
-        else:
-            units.append(child_name)
-    ids = {}
+    """Each parameter's layer, counted from the input, as BEiT and timm count them: the repeated blocks
+    (see ``_blocks``) are layers 1 .. L in order; what comes before the first block (embeddings, a stem, the
+    model's own parameters such as a class token) is layer 0, what comes after the last (the final norm, the
+    head) layer L + 1, and a parameter between two blocks belongs with the next. For a transformer
+    ``(embed, blocks, norm, head)`` that is embed 0, blocks 1 .. L, norm and head L + 1."""
+    blocks = _blocks(model)
+    ids, passed = {}, 0
     for name, _ in model.named_parameters():
-        ids[name] = next((i for i, unit in enumerate(units) if name.startswith(unit + ".")), 0)
+        block = next((i for i, prefix in enumerate(blocks) if name.startswith(prefix + ".")), None)
+        if block is None:
+            ids[name] = passed + 1 if passed else 0
+        else:
+            ids[name] = block + 1
+            passed = max(passed, block + 1)
     return ids
 
 
