@@ -167,3 +167,13 @@ def test_create_optimizer_accepts_a_module():
     assert sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, 0.01]
     without_decay = stochopt.create_optimizer("lazyadam", model, lr=1e-3)  # no weight_decay: one group
     assert len(without_decay.param_groups) == 1
+
+
+def test_a_tied_weight_is_judged_by_its_first_owner():
+    """GPT-2's output head is its token embedding: named_parameters names it after the embedding, and the
+    embedding's rule (no decay) applies, not the head's (nn.Linear)."""
+    model = nn.Module()
+    model.embed, model.hidden, model.head = nn.Embedding(10, 4), nn.Linear(4, 4), nn.Linear(4, 10, bias=False)
+    model.head.weight = model.embed.weight
+    decay = {n: g.get("weight_decay") for g in param_groups(model, weight_decay=0.1) for n in g["param_names"]}
+    assert decay == {"embed.weight": 0.0, "hidden.weight": 0.1, "hidden.bias": 0.0}

@@ -101,7 +101,10 @@ def param_groups(
             raise ValueError("layer_decay needs lr: each layer's group gets lr * layer_decay ** depth")
         checks.nonnegative("lr", lr)
     exempt = _rule(no_decay)
-    owners = {id(p): module for module in model.modules() for p in module.parameters(recurse=False)}
+    owners: dict[int, nn.Module] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), module)  # tied weights: the first owner, whose name named_parameters gives
     ids = layer_ids(model) if layer_of is None else None
     named = list(model.named_parameters())
     num_layers = 1 + max((ids[n] if ids is not None else layer_of(n)) for n, _ in named) if named else 0
