@@ -1,6 +1,7 @@
 """The engine: one update function per algorithm, run as a per-tensor loop, as foreach, or as a fused kernel.
 
 An optimizer subclass declares
+
 - ``_layout(group)``: its state (``StateSpec`` tuple; ``STEP`` where it counts steps);
 - ``_coefficients(group, step, states)``: every scalar the update needs at this step, as Python floats
   (bias corrections, step sizes); it reads state and changes nothing;

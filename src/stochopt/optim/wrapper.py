@@ -99,6 +99,7 @@ class OptimizerWrapper(Optimizer, metaclass=ABCMeta):
         them."""
 
     def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's ``state_dict`` with the wrapper's own state beside it."""
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
         sd = self.optimizer.state_dict()

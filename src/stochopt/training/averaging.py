@@ -31,6 +31,7 @@ class _Averaging:
 
     def __init__(self, model: nn.Module, averaged: AveragedModel) -> None:
         self._source = model
+        #: the averaged copy (torch's ``AveragedModel``): evaluate this one
         self.model = averaged
         self.calls = 0
 
@@ -59,9 +60,11 @@ class _Averaging:
             raise ValueError(f"state_dict was not saved by {type(self).__name__}: it lacks {missing}")
 
     def state_dict(self) -> dict[str, Any]:
+        """The call count and the averaged model's weights and statistics, for :meth:`load_state_dict`."""
         return {"calls": self.calls, "averaged": self.model.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict` (a checkpoint of the same kind of average, checked by its keys)."""
         self._check_keys(state_dict)
         calls = checks.count("state_dict['calls']", state_dict["calls"], 0)
         self.model.load_state_dict(state_dict["averaged"])
@@ -161,6 +164,7 @@ class SWA(_Averaging):
         return {**super().state_dict(), "swa_scheduler": swalr}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict` (a checkpoint of the same kind of average, checked by its keys)."""
         self._check_keys(state_dict)
         saved = state_dict["swa_scheduler"]
         if saved is not None and self.swa_lr is None:

@@ -212,7 +212,7 @@ class MasterWeights(OptimizerWrapper):
     @torch.no_grad()
     def pull_gradients(self) -> None:
         """Copy the model's gradients into the masters' (float32), once per step: a second call (GradScaler's
-        step after its unscale_) keeps the unscaled copies. ``step()`` calls it when it has not run. Under
+        step after its ``unscale_``) keeps the unscaled copies. ``step()`` calls it when it has not run. Under
         ``accumulate_in_float32`` the masters already hold the float32 sums; a gradient the hooks did not see
         (set by hand, or summed after :meth:`remove_hooks`) is added to them."""
         if self._pulled:

@@ -131,6 +131,7 @@ class RampBatchSampler(Sampler[list[int]]):
         return step - self.step
 
     def state_dict(self) -> dict[str, Any]:
+        """The step the ramp has reached: a resumed sampler continues with the batch size of that step."""
         return {"step": self.step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
