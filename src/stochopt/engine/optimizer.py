@@ -76,6 +76,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "centralize_gradients": False,
     "cautious": False,
     "capturable": False,
+    "decouple_lr": False,
 }
 
 
@@ -120,6 +121,9 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
     #: ``_update`` takes the static flag ``cautious`` (Liang et al., 2024: the group option ``cautious``, set by the
     #: constructor's ``cautious=True``) and masks its update direction with ``optim.common.cautious_direction``
     _cautious_supported: bool = False
+    #: the weight decay is decoupled (a factor ``optim.common.decay_factor`` on the weights) in every group;
+    #: groups of the Adam family are so where ``decoupled_weight_decay`` says (``_decouples_decay``)
+    _decoupled_decay: bool = False
     #: ``_update`` reduces over the whole tensor (a norm, row/column statistics) or the optimizer's own step loop
     #: does matrix work: sharded (DTensor) parameters are gathered to an owning rank and stepped whole there
     #: (engine/sharded.py); False: elementwise, stepped on each rank's local shard
@@ -425,6 +429,10 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
                     f"{p.dtype} (put float32 parameters in a group of their own, with weight_rounding=None)"
                 )
 
+    def _decouples_decay(self, group: dict[str, Any]) -> bool:
+        """The group's weight decay is the decoupled factor that ``decouple_lr`` applies to."""
+        return self._decoupled_decay or bool(group.get("decoupled_weight_decay"))
+
     def _validate_engine_options(self, group: dict[str, Any]) -> None:
         if group["fused"] and group["foreach"]:
             raise ValueError("fused=True and foreach=True are exclusive: choose one execution path")
@@ -436,6 +444,13 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
             raise ValueError(
                 f"{type(self).__name__} does not support cautious=True: it masks a momentum direction by the "
                 "gradient's sign, and this optimizer's update has none the engine can mask"
+            )
+        checks.flag("decouple_lr", group["decouple_lr"])
+        if group["decouple_lr"] and not self._decouples_decay(group):
+            raise ValueError(
+                f"decouple_lr=True takes the lr out of decoupled weight decay, and {type(self).__name__}'s weight "
+                "decay in this group is not decoupled (it enters the gradient, or has a form of its own): drop "
+                "decouple_lr, or set decoupled_weight_decay=True where the optimizer has it"
             )
         checks.flag("capturable", group["capturable"])
         if group["capturable"]:
@@ -582,7 +597,9 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
                     "store (8-bit blocks and rounded weights are written whole); use dense gradients"
                 )
             # torch's kernels count steps themselves; without a counter (SGD) they are told the first step
-            native = group["fused"] and (counted or not tensor_mode) and not group["cautious"] and stored == PLAIN
+            # torch's kernels know neither the cautious mask nor a decay without the lr
+            plain_math = not group["cautious"] and not group["decouple_lr"]
+            native = group["fused"] and (counted or not tensor_mode) and plain_math and stored == PLAIN
             native = native and self._native_fits(device, dtype, state_dtype, states, tensor_mode)
             compiled = not sparse and not native and (bool(group["fused"]) or tensor_mode)
             if amp is not None and not (native or compiled) and not _host_unscale(gs, amp):

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from stochopt.engine import STEP, EngineOptimizer, StateSpec, TensorList, checks, scalar, stage_boundary
 from stochopt.engine.scalars import minimum
-from stochopt.optim.common import decoupled_decay_, ema_
+from stochopt.optim.common import decay_factor, decoupled_decay_, ema_
 
 #: rows summed together first by ``mean_over_rows`` (see there)
 ROW_BLOCK = 8
@@ -83,6 +83,8 @@ class Adafactor(EngineOptimizer):
     (``row_var``, ``col_var``), a vector its own size (``variance``), plus a full-size ``exp_avg`` with beta1.
     """
 
+    _decoupled_decay = True  # decay_factor on the weights: decouple_lr applies
+
     _flatten = False  # the row and column statistics need the parameter's shape
     _staged = True  # see _update
     _whole_tensor_update = True  # row and column statistics, update RMS
@@ -101,6 +103,7 @@ class Adafactor(EngineOptimizer):
         weight_decay: float = 0.0,
         beta1: float | None = None,
         *,
+        decouple_lr: bool = False,
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -111,6 +114,7 @@ class Adafactor(EngineOptimizer):
         rounding_seed: int = 0,
     ) -> None:
         defaults = dict(
+            decouple_lr=decouple_lr,
             lr=1e-2 if lr is None else lr, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay,
             beta1=beta1,
             maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
@@ -163,7 +167,7 @@ class Adafactor(EngineOptimizer):
             "inv_eps1": 1.0 / eps1 if isinstance(eps1, Tensor) or eps1 > 0 else float("inf"),
             "eps2": scalar(eps2),
             "inv_d": 1.0 / scalar(group["d"]),
-            "decay_factor": 1.0 - lr * scalar(group["weight_decay"]),
+            "decay_factor": decay_factor(group, lr),
             "one_minus_beta1": 1.0 - beta1,
         }
 

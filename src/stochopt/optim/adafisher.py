@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from stochopt.engine import STEP, EngineOptimizer, StateSpec, checks, scalar
 from stochopt.optim.adam import Adam
-from stochopt.optim.common import adam_coefficients, bias_correction, decoupled_decay_, ema_
+from stochopt.optim.common import adam_coefficients, bias_correction, decay_factor, decoupled_decay_, ema_
 
 _ADAM_STATE = (STEP, StateSpec("exp_avg"), StateSpec("exp_avg_sq"))
 
@@ -141,6 +141,8 @@ class AdaFisher(EngineOptimizer):
     code weights the two terms by separate gammas); weight decay is decoupled (AdaFisherW).
     """
 
+    _decoupled_decay = True  # decay_factor on the weights: decouple_lr applies
+
     _capturable = False  # its step loop decides on the host (matrix work per tensor)
     _whole_tensor_update = True  # Kronecker factors of the whole weight
 
@@ -159,6 +161,7 @@ class AdaFisher(EngineOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         *,
+        decouple_lr: bool = False,
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -181,6 +184,7 @@ class AdaFisher(EngineOptimizer):
         if isinstance(params, nn.Module):
             params = self._attach(params)
         defaults = dict(
+            decouple_lr=decouple_lr,
             lr=lr, betas=betas, gamma=gamma, damping=damping, eps=eps, weight_decay=weight_decay, kronecker=False,
             maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
             state_dtype=state_dtype, weight_rounding=weight_rounding, rounding_seed=rounding_seed,
@@ -325,7 +329,7 @@ class AdaFisher(EngineOptimizer):
                 "one_minus_gamma": 1.0 - gamma,
                 "one_minus_beta1": 1.0 - beta1,
                 "decay": group["weight_decay"] != 0,
-                "decay_factor": 1.0 - lr * scalar(group["weight_decay"]),
+                "decay_factor": decay_factor(group, lr),
                 "damping": scalar(group["damping"]),
                 "neg_step_size": -(lr / bias_correction(beta1, int(state["step"].item()))),
             }

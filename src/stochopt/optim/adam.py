@@ -49,6 +49,7 @@ class Adam(EngineOptimizer):
         weight_decay: float = 0.0,
         amsgrad: bool = False,
         *,
+        decouple_lr: bool = False,
         foreach: bool | None = None,
         maximize: bool = False,
         fused: bool | None = None,
@@ -61,6 +62,7 @@ class Adam(EngineOptimizer):
         rounding_seed: int = 0,
     ) -> None:
         defaults = dict(
+            decouple_lr=decouple_lr,
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             decoupled_weight_decay=decoupled_weight_decay, cautious=cautious,
             maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
@@ -132,6 +134,7 @@ class AdamW(Adam):
         weight_decay: float = 1e-2,
         amsgrad: bool = False,
         *,
+        decouple_lr: bool = False,
         cautious: bool = False,
         maximize: bool = False,
         foreach: bool | None = None,
@@ -144,7 +147,7 @@ class AdamW(Adam):
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize, fused=fused,
-            capturable=capturable, cautious=cautious,
+            capturable=capturable, cautious=cautious, decouple_lr=decouple_lr,
             decoupled_weight_decay=True, nonfinite=nonfinite, state_dtype=state_dtype,
             weight_rounding=weight_rounding, rounding_seed=rounding_seed,
         )  # fmt: skip
@@ -175,6 +178,7 @@ class QHAdam(EngineOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         *,
+        decouple_lr: bool = False,
         decoupled_weight_decay: bool = False,
         maximize: bool = False,
         foreach: bool | None = None,
@@ -186,6 +190,7 @@ class QHAdam(EngineOptimizer):
         rounding_seed: int = 0,
     ) -> None:
         defaults = dict(
+            decouple_lr=decouple_lr,
             lr=lr, betas=betas, nus=nus, eps=eps, weight_decay=weight_decay,
             decoupled_weight_decay=decoupled_weight_decay,
             maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,

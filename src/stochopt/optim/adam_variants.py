@@ -47,6 +47,7 @@ class NAdam(EngineOptimizer):
         momentum_decay: float = 4e-3,
         decoupled_weight_decay: bool = False,
         *,
+        decouple_lr: bool = False,
         foreach: bool | None = None,
         maximize: bool = False,
         fused: bool | None = None,
@@ -57,6 +58,7 @@ class NAdam(EngineOptimizer):
         rounding_seed: int = 0,
     ) -> None:
         defaults = dict(
+            decouple_lr=decouple_lr,
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum_decay=momentum_decay,
             decoupled_weight_decay=decoupled_weight_decay,
             maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
@@ -143,6 +145,7 @@ class RAdam(EngineOptimizer):
         weight_decay: float = 0.0,
         decoupled_weight_decay: bool = False,
         *,
+        decouple_lr: bool = False,
         foreach: bool | None = None,
         maximize: bool = False,
         fused: bool | None = None,
@@ -153,6 +156,7 @@ class RAdam(EngineOptimizer):
         rounding_seed: int = 0,
     ) -> None:
         defaults = dict(
+            decouple_lr=decouple_lr,
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
             maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
             state_dtype=state_dtype, weight_rounding=weight_rounding, rounding_seed=rounding_seed,

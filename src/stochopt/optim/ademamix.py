@@ -9,7 +9,7 @@ import torch
 
 from stochopt.engine import STEP, EngineOptimizer, StateSpec, checks, scalar
 from stochopt.engine.scalars import log, where
-from stochopt.optim.common import bias_correction, cautious_direction, decoupled_decay_, ema_, ema_square_
+from stochopt.optim.common import bias_correction, cautious_direction, decay_factor, decoupled_decay_, ema_, ema_square_
 
 
 def alpha_warmup(step: Any, alpha: Any, warmup: int | None) -> Any:
@@ -56,6 +56,8 @@ class AdEMAMix(EngineOptimizer):
     sign disagrees with :math:`g_t`'s (Liang et al., 2024). Names and defaults are the authors' code's.
     """
 
+    _decoupled_decay = True  # decay_factor on the weights: decouple_lr applies
+
     _cautious_supported = True
 
     def __init__(
@@ -69,6 +71,7 @@ class AdEMAMix(EngineOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         *,
+        decouple_lr: bool = False,
         cautious: bool = False,
         maximize: bool = False,
         foreach: bool | None = None,
@@ -80,6 +83,7 @@ class AdEMAMix(EngineOptimizer):
         rounding_seed: int = 0,
     ) -> None:
         defaults = dict(
+            decouple_lr=decouple_lr,
             lr=lr, betas=betas, alpha=alpha, beta3_warmup=beta3_warmup, alpha_warmup=alpha_warmup, eps=eps,
             weight_decay=weight_decay, cautious=cautious,
             maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
@@ -119,7 +123,7 @@ class AdEMAMix(EngineOptimizer):
             "bc2_sqrt": bias_correction(beta2, step) ** 0.5,
             "eps": scalar(group["eps"]),
             "neg_lr": -lr,
-            "decay_factor": 1.0 - lr * scalar(group["weight_decay"]),
+            "decay_factor": decay_factor(group, lr),
         }
 
     @staticmethod

@@ -10,7 +10,7 @@ import torch
 from stochopt.engine import EngineOptimizer, StateSpec, checks, scalar
 from stochopt.engine.scalars import where
 from stochopt.optim.adam import ADAM_MOMENTS
-from stochopt.optim.common import cautious_direction, decoupled_decay_, ema_, ema_square_, l2_penalty
+from stochopt.optim.common import cautious_direction, decay_factor, decoupled_decay_, ema_, ema_square_, l2_penalty
 
 
 def default_clip(step: Any) -> Any:
@@ -50,6 +50,7 @@ class ADOPT(EngineOptimizer):
         weight_decay: float = 0.0,
         decouple: bool = False,
         *,
+        decouple_lr: bool = False,
         cautious: bool = False,
         maximize: bool = False,
         foreach: bool | None = None,
@@ -65,6 +66,7 @@ class ADOPT(EngineOptimizer):
         # kept on the optimizer, as the authors' package keeps it: a function does not belong in a state_dict
         self.clip_lambda = clip_lambda
         defaults = dict(
+            decouple_lr=decouple_lr,
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decouple=decouple, cautious=cautious,
             maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
             state_dtype=state_dtype, weight_rounding=weight_rounding, rounding_seed=rounding_seed,
@@ -80,6 +82,9 @@ class ADOPT(EngineOptimizer):
 
     def _layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
         return ADAM_MOMENTS
+
+    def _decouples_decay(self, group: dict[str, Any]) -> bool:
+        return bool(group["decouple"])
 
     def _flags(self, group: dict[str, Any], step: int, matrix: bool) -> dict[str, Any]:
         decay = group["weight_decay"] != 0
@@ -98,7 +103,7 @@ class ADOPT(EngineOptimizer):
             "beta2": where(first, 0.0, beta2),
             "one_minus_beta2": where(first, 1.0, 1.0 - beta2),
             "neg_lr": where(first, 0.0, -lr),
-            "decay_factor": where(first, 1.0, 1.0 - lr * wd),
+            "decay_factor": where(first, 1.0, decay_factor(group, lr)),
             "eps": scalar(group["eps"]),
             "clip": self.clip_lambda(t) if self.clip_lambda is not None else 0.0,
         }

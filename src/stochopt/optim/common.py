@@ -43,6 +43,16 @@ def decoupled_decay_(p: Any, factor: Any) -> None:
     p.mul_(factor)
 
 
+def decay_factor(group: dict[str, Any], lr: Any) -> Any:
+    """The multiplier of decoupled weight decay at this step: 1 - lr * wd, the form torch.optim.AdamW has,
+    where changing the lr (or its schedule) changes the regularization; with the group option ``decouple_lr``,
+    1 - wd, fully decoupled (Loshchilov & Hutter's form; Composer's DecoupledAdamW, optimi's
+    ``decouple_lr``): the decay does not scale with the lr, and a :class:`stochopt.training.WeightDecaySchedule`
+    gives it a schedule of its own."""
+    wd = scalar(group["weight_decay"])
+    return 1.0 - (wd if group["decouple_lr"] else lr * wd)
+
+
 def weight_decay(p: Any, g: Any, c: dict[str, Any], *, decay: bool, decoupled: bool) -> Any:
     """Apply the configured form of weight decay; returns the gradient the rest of the update sees."""
     if not decay:
@@ -98,7 +108,7 @@ def adam_coefficients(group: dict[str, Any], step: Any) -> dict[str, Any]:
         "bc2_sqrt": bc2**0.5,
         "eps": scalar(group["eps"]),
         "weight_decay": wd,
-        "decay_factor": 1.0 - lr * wd,
+        "decay_factor": decay_factor(group, lr),
     }
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from stochopt.engine import STEP, EngineOptimizer, StateSpec, checks, scalar
-from stochopt.optim.common import cautious_direction, decoupled_decay_, ema_
+from stochopt.optim.common import cautious_direction, decay_factor, decoupled_decay_, ema_
 
 
 class Lion(EngineOptimizer):
@@ -23,6 +23,8 @@ class Lion(EngineOptimizer):
     by the fraction kept (Liang et al., 2024; :func:`stochopt.optim.common.cautious_direction`).
     """
 
+    _decoupled_decay = True  # decay_factor on the weights: decouple_lr applies
+
     _cautious_supported = True
 
     def __init__(
@@ -32,6 +34,7 @@ class Lion(EngineOptimizer):
         betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
         *,
+        decouple_lr: bool = False,
         cautious: bool = False,
         maximize: bool = False,
         foreach: bool | None = None,
@@ -43,6 +46,7 @@ class Lion(EngineOptimizer):
         rounding_seed: int = 0,
     ) -> None:
         defaults = dict(
+            decouple_lr=decouple_lr,
             lr=lr, betas=betas, weight_decay=weight_decay, cautious=cautious,
             maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
             state_dtype=state_dtype, weight_rounding=weight_rounding, rounding_seed=rounding_seed,
@@ -65,7 +69,7 @@ class Lion(EngineOptimizer):
         beta1, beta2 = (scalar(b) for b in group["betas"])
         return {
             "neg_lr": -lr,
-            "decay_factor": 1.0 - lr * scalar(group["weight_decay"]),
+            "decay_factor": decay_factor(group, lr),
             "one_minus_beta1": 1.0 - beta1,
             "one_minus_beta2": 1.0 - beta2,
         }

@@ -41,6 +41,8 @@ class MARS(EngineOptimizer):
     gradient's (Liang et al., 2024).
     """
 
+    _decoupled_decay = True  # decay_factor on the weights: decouple_lr applies
+
     _cautious_supported = True
 
     def _whole_tensor(self, group: dict[str, Any], p: Tensor) -> bool:
@@ -59,6 +61,7 @@ class MARS(EngineOptimizer):
         betas_1d: tuple[float, float] = (0.9, 0.95),
         weight_decay_1d: float = 0.1,
         *,
+        decouple_lr: bool = False,
         cautious: bool = False,
         maximize: bool = False,
         foreach: bool | None = None,
@@ -70,6 +73,7 @@ class MARS(EngineOptimizer):
         rounding_seed: int = 0,
     ) -> None:
         defaults = dict(
+            decouple_lr=decouple_lr,
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, gamma=gamma, optimize_1d=optimize_1d,
             lr_1d=lr_1d, betas_1d=betas_1d, weight_decay_1d=weight_decay_1d, cautious=cautious,
             maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from stochopt.engine import STEP, EngineOptimizer, StateSpec, checks, scalar, sharded
 from stochopt.optim.adam import Adam
-from stochopt.optim.common import adam_coefficients, decoupled_decay_
+from stochopt.optim.common import adam_coefficients, decay_factor, decoupled_decay_
 
 # Keller Jordan's quintic coefficients: chosen to maximize the slope at zero, so that 5 steps push every
 # singular value of the (norm-scaled) input into roughly [0.7, 1.2]; exact convergence to 1 is not needed.
@@ -174,6 +174,8 @@ class Muon(EngineOptimizer):
     device multiplies it natively, float32 elsewhere).
     """
 
+    _decoupled_decay = True  # decay_factor on the weights: decouple_lr applies
+
     _capturable = False  # its step loop decides on the host (matrix work per tensor)
 
     def _whole_tensor(self, group: dict[str, Any], p: Tensor) -> bool:
@@ -193,6 +195,7 @@ class Muon(EngineOptimizer):
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-8,
         *,
+        decouple_lr: bool = False,
         use_muon: bool | None = None,
         ns_dtype: torch.dtype | None = None,
         distributed: bool = False,
@@ -206,6 +209,7 @@ class Muon(EngineOptimizer):
         rounding_seed: int = 0,
     ) -> None:
         defaults = dict(
+            decouple_lr=decouple_lr,
             lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_coefficients=ns_coefficients,
             eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
             use_muon=use_muon, ns_dtype=ns_dtype,
@@ -297,7 +301,7 @@ class Muon(EngineOptimizer):
             "momentum": scalar(group["momentum"]),
             "nesterov": group["nesterov"],
             "ns": (group["ns_steps"], tuple(group["ns_coefficients"]), scalar(group["eps"]), group["ns_dtype"]),
-            "decay_factor": 1.0 - lr * scalar(group["weight_decay"]),
+            "decay_factor": decay_factor(group, lr),
             "neg_lr": -adjusted_lr(lr, group["adjust_lr_fn"], p.shape),
         }
         # maximize, centralization (matrices) and the compute dtype as in every engine path

@@ -40,6 +40,7 @@ class Ranger(RAdam):
         centralize_gradients: bool = True,
         decoupled_weight_decay: bool = False,
         *,
+        decouple_lr: bool = False,
         foreach: bool | None = None,
         maximize: bool = False,
         fused: bool | None = None,
@@ -53,7 +54,7 @@ class Ranger(RAdam):
         self._ranger_defaults = {"k": k, "alpha": alpha, "centralize_gradients": centralize_gradients}
         super().__init__(
             params, lr, betas, eps, weight_decay, decoupled_weight_decay, foreach=foreach, maximize=maximize,
-            fused=fused, capturable=capturable, nonfinite=nonfinite, state_dtype=state_dtype,
+            decouple_lr=decouple_lr, fused=fused, capturable=capturable, nonfinite=nonfinite, state_dtype=state_dtype,
             weight_rounding=weight_rounding, rounding_seed=rounding_seed,
         )  # fmt: skip
         self.defaults.update(self._ranger_defaults)

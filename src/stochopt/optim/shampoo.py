@@ -12,7 +12,7 @@ from torch import Tensor
 
 from stochopt.engine import STEP, EngineOptimizer, StateSpec, checks, scalar
 from stochopt.engine.scalars import where
-from stochopt.optim.common import bias_correction, decoupled_decay_, ema_, ema_square_
+from stochopt.optim.common import bias_correction, decay_factor, decoupled_decay_, ema_, ema_square_
 
 GRAFTINGS = ("adagrad", "adam", "none")
 
@@ -96,6 +96,8 @@ class Shampoo(EngineOptimizer):
     ``foreach``/``fused`` are accepted for the contract; the matrix work is the same in every path.
     """
 
+    _decoupled_decay = True  # decay_factor on the weights: decouple_lr applies
+
     _capturable = False  # its step loop decides on the host (matrix work per tensor)
     _whole_tensor_update = True  # preconditioners of the whole matrix
 
@@ -112,6 +114,7 @@ class Shampoo(EngineOptimizer):
         grafting: str = "adagrad",
         graft_eps: float = 1e-8,
         *,
+        decouple_lr: bool = False,
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -122,6 +125,7 @@ class Shampoo(EngineOptimizer):
         rounding_seed: int = 0,
     ) -> None:
         defaults = dict(
+            decouple_lr=decouple_lr,
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, precondition_frequency=precondition_frequency,
             start_preconditioning_step=start_preconditioning_step, max_preconditioner_dim=max_preconditioner_dim,
             grafting=grafting, graft_eps=graft_eps,
@@ -168,7 +172,7 @@ class Shampoo(EngineOptimizer):
             "momentum_correction": where(beta1 > 0, bias_correction(beta1, step), 1.0),
             "graft_correction": bias_correction(beta2, step) if group["grafting"] == "adam" else 1.0,
             "graft_eps": scalar(group["graft_eps"]),
-            "decay_factor": 1.0 - lr * scalar(group["weight_decay"]),
+            "decay_factor": decay_factor(group, lr),
             "decay": group["weight_decay"] != 0,
             "eps": scalar(group["eps"]),
             "step": step,

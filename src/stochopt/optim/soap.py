@@ -11,7 +11,7 @@ from torch import Tensor
 from stochopt.engine import STEP, EngineOptimizer, StateSpec, checks, scalar
 from stochopt.engine.layout import LOW_PRECISION
 from stochopt.engine.scalars import maximum, sqrt
-from stochopt.optim.common import bias_correction, decoupled_decay_, ema_, ema_square_
+from stochopt.optim.common import bias_correction, decay_factor, decoupled_decay_, ema_, ema_square_
 
 DATA_FORMATS = ("channels_first", "channels_last")
 
@@ -213,6 +213,8 @@ class SOAP(EngineOptimizer):
     therefore runs eagerly (``torch.compiler.disable``), and a compiled training step equals the eager one.
     """
 
+    _decoupled_decay = True  # decay_factor on the weights: decouple_lr applies
+
     _capturable = False  # its step loop decides on the host (first step, basis refreshes: matrix work per tensor)
     _whole_tensor_update = True  # the eigenbases of the whole matrix's factors
 
@@ -232,6 +234,7 @@ class SOAP(EngineOptimizer):
         data_format: str = "channels_first",
         correct_bias: bool = True,
         *,
+        decouple_lr: bool = False,
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -242,6 +245,7 @@ class SOAP(EngineOptimizer):
         rounding_seed: int = 0,
     ) -> None:
         defaults = dict(
+            decouple_lr=decouple_lr,
             lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
             precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim, merge_dims=merge_dims,
             precondition_1d=precondition_1d, normalize_grads=normalize_grads, data_format=data_format,
@@ -296,7 +300,7 @@ class SOAP(EngineOptimizer):
             "eps": scalar(group["eps"]),
             "shampoo_weight": 1.0 - beta_s,
             "decay": group["weight_decay"] != 0,
-            "decay_factor": 1.0 - lr * scalar(group["weight_decay"]),
+            "decay_factor": decay_factor(group, lr),
             "normalize": group["normalize_grads"],
         }
 
