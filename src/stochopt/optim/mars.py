@@ -114,7 +114,7 @@ class MARS(EngineOptimizer):
             return c
         vector_group = {
             "lr": c["lr"] * group["lr_1d_factor"], "betas": group["betas_1d"], "eps": group["eps"],
-            "weight_decay": group["weight_decay_1d"],
+            "weight_decay": group["weight_decay_1d"], "decouple_lr": group["decouple_lr"],
         }  # fmt: skip
         c.update({f"{k}_1d": v for k, v in adam_coefficients(vector_group, step).items()})
         return c
