@@ -80,6 +80,35 @@ def stored_layout(specs: tuple[StateSpec, ...], group: dict[str, Any]) -> tuple[
     return tuple(stored)
 
 
+def measured_states(specs: tuple[StateSpec, ...], param: Tensor) -> tuple[str, ...]:
+    """The state tensors of ``param`` whose norms the statistics report (engine/update.py ``STATISTICS``): the
+    non-scalar ones the update sees (not the 8-bit scales, nor a compensation buffer), in layout order."""
+    hidden = ("absmax", "scalar")
+    return tuple(
+        s.name
+        for s in applicable(specs, param)
+        if s.shape != "scalar" and s.dtype not in hidden and s.name not in ("compensation", "statistics")
+    )
+
+
+@dataclass(frozen=True)
+class StatisticsShape:
+    """The statistics vector of a parameter: update, weight, each measured state tensor, and the ``reported``
+    scalars of the update (a ``ShapeRule``: it sees the shape only, so it judges applicability on a meta
+    tensor of that shape)."""
+
+    specs: tuple[StateSpec, ...]
+    reported: int
+
+    def __call__(self, shape: torch.Size) -> tuple[int, ...]:
+        return (2 + len(measured_states(self.specs, torch.empty(shape, device="meta"))) + self.reported,)
+
+
+def with_statistics(specs: tuple[StateSpec, ...], reported: tuple[str, ...]) -> tuple[StateSpec, ...]:
+    """``specs`` with the statistics vector (float32) of the group option ``statistics``."""
+    return (*specs, StateSpec("statistics", StatisticsShape(specs, len(reported)), "absmax", float("nan")))
+
+
 def convert_saved(specs: tuple[StateSpec, ...], param: Tensor, saved: dict[str, Any]) -> dict[str, Any]:
     """A parameter's saved state in the form ``specs`` (a stored layout) keeps: float moments saved by an
     optimizer without ``state_dtype="int8"`` are encoded where this one keeps codes, codes decoded (to float32)

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from stochopt.engine import checks, fused, scalars, sharded, storage
+from stochopt.engine import checks, fused, scalars, sharded, statistics, storage
 from stochopt.engine.fused import coefficient_dtype, fused_kernel, update_bucket
 from stochopt.engine.layout import (
     STEP,
@@ -48,9 +48,10 @@ from stochopt.engine.layout import (
     spec_dtype,
     state_dtype_for,
     stored_layout,
+    with_statistics,
 )
 from stochopt.engine.tensorlist import TensorList
-from stochopt.engine.update import PLAIN, Storage, apply_update, centralize
+from stochopt.engine.update import PLAIN, STATISTICS, Storage, apply_update, centralize
 
 NONFINITE_POLICIES = (None, "skip", "raise")
 
@@ -77,6 +78,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "cautious": False,
     "capturable": False,
     "decouple_lr": False,
+    "statistics": False,
 }
 
 
@@ -124,6 +126,12 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
     #: the weight decay is decoupled (a factor ``optim.common.decay_factor`` on the weights) in every group;
     #: groups of the Adam family are so where ``decoupled_weight_decay`` says (``_decouples_decay``)
     _decoupled_decay: bool = False
+    #: scalars ``_update`` reports per tensor for the statistics (``state["stat_<name>"] = value``: LAMB's trust
+    #: ratio), coefficients reported per parameter (statistic name -> (coefficient, factor): Muon's adjusted lr),
+    #: and group entries reported per group (Prodigy's ``d``); see ``statistics``
+    _update_statistics: tuple[str, ...] = ()
+    _coefficient_statistics: dict[str, tuple[str, float]] = {}
+    _group_statistics: tuple[str, ...] = ()
     #: ``_update`` reduces over the whole tensor (a norm, row/column statistics) or the optimizer's own step loop
     #: does matrix work: sharded (DTensor) parameters are gathered to an owning rank and stepped whole there
     #: (engine/sharded.py); False: elementwise, stepped on each rank's local shard
@@ -254,6 +262,9 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
                 loss = closure()
         amp = _amp_scaling(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
         self._gather_whole_tensors()
+        for group in self.param_groups:
+            if group["statistics"]:
+                statistics.clear(self, group)
         try:
             work = [(group, *self._collect(group)) for group in self.param_groups]
             if self._nonfinite_found(work):
@@ -372,12 +383,15 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
             index = next(i for i, q in enumerate(group["params"]) if q is self._parameter_of(p))
             step = float(state["step"]) if "step" in state else 1.0
             c = {**c, "rounding_salt": storage.rounding_salt(group["rounding_seed"], index, step)}
+        if group["statistics"]:
+            statistics.record_coefficients(self, p, c)
         apply_update(update, p, g, tensors, c, flags or {}, group["maximize"], compute_dtype, storage_)
 
     def _stored_layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
         """The tensors kept per parameter: the layout under the group's storage options (8-bit moments,
         compensation buffers; engine/layout.py ``stored_layout``)."""
-        return stored_layout(self._layout(group), group)
+        layout = stored_layout(self._layout(group), group)
+        return with_statistics(layout, self._update_statistics) if group["statistics"] else layout
 
     def _storage(self, group: dict[str, Any], layout: tuple[StateSpec, ...], p: Tensor) -> Storage:
         quantized = quantized_moments(applicable(layout, p))
@@ -445,6 +459,12 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
                 f"{type(self).__name__} does not support cautious=True: it masks a momentum direction by the "
                 "gradient's sign, and this optimizer's update has none the engine can mask"
             )
+        checks.flag("statistics", group["statistics"])
+        if group["statistics"] and any(sharded.is_sharded(p) for p in group["params"]):
+            raise ValueError(
+                f"{type(self).__name__}: statistics=True is not supported for sharded (DTensor) parameters yet: "
+                "each rank would report its own shard's norms"
+            )
         checks.flag("decouple_lr", group["decouple_lr"])
         if group["decouple_lr"] and not self._decouples_decay(group):
             raise ValueError(
@@ -467,6 +487,17 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
                     f"nonfinite={group['nonfinite']!r} reads the gradients' finiteness on the host, which "
                     "capturable=True rules out; use torch.amp.GradScaler, whose found_inf the step reads on the device"
                 )
+
+    def track_statistics(self, enabled: bool = True) -> None:
+        """Collect per-step statistics from now on (``enabled=False``: stop; off costs nothing): read them as
+        :attr:`statistics` after ``step()`` (engine/statistics.py)."""
+        statistics.track(self, enabled)
+
+    @property
+    def statistics(self) -> dict[str, Any]:
+        """The last step's statistics: ``{"params": {name: {"update_norm", "weight_norm", "update_to_weight",
+        "<state>_norm", ...}}, "groups": [{"lr", "update_norm", ...}]}``, for the groups that track them."""
+        return statistics.read(self)
 
     def _collect(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
         """The group's params that have gradients, and the gradients, checked."""
@@ -590,6 +621,8 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
             compute_dtype = compute_dtype_for(ps[0], group["state_dtype"])
             state_dtype = state_dtype_for(ps[0], group["state_dtype"])
             stored = self._storage(group, layout, ps[0])
+            if sparse and group["statistics"]:
+                raise ValueError(f"{type(self).__name__}: statistics=True does not cover sparse gradients' updates")
             if sparse and stored != PLAIN:
                 raise ValueError(
                     f"{type(self).__name__}: sparse gradients update rows of the state in place, which "
@@ -598,7 +631,7 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
                 )
             # torch's kernels count steps themselves; without a counter (SGD) they are told the first step
             # torch's kernels know neither the cautious mask nor a decay without the lr
-            plain_math = not group["cautious"] and not group["decouple_lr"]
+            plain_math = not group["cautious"] and not group["decouple_lr"] and not group["statistics"]
             native = group["fused"] and (counted or not tensor_mode) and plain_math and stored == PLAIN
             native = native and self._native_fits(device, dtype, state_dtype, states, tensor_mode)
             compiled = not sparse and not native and (bool(group["fused"]) or tensor_mode)
@@ -618,6 +651,9 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
                 c = self._coefficients(group, step, states)
                 if stored.weights == "stochastic":
                     c["rounding_salt"] = self._rounding_salts(group, originals, step)
+            if group["statistics"]:
+                for i, p in enumerate(originals):
+                    statistics.record_coefficients(self, p, _row(c, i))
             flags = self._flags(group, step, matrix)
             if self._cautious_supported:
                 flags = {**flags, "cautious": bool(group["cautious"])}
@@ -749,7 +785,11 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
         for start in range(0, len(launch), width):
             chunk = launch[start : start + width]
             args = []
-            for column in (ps, gs, *by_name.values()):
+            for name, column in zip(("p", "g", *by_name), (ps, gs, *by_name.values())):
+                if name == STATISTICS:  # a short vector, flat in every kernel, padded with its own length
+                    views = [column[i].view(-1).detach() for i in chunk]
+                    args.append(views + _scratch(views[0], width - len(chunk), len(args), views[0].numel()))
+                    continue
                 views = [_kernel_view(column[i], self._flatten, centralized) for i in chunk]
                 args.append(views + _scratch(views[0], width - len(chunk), len(args), pad_numel[len(args)]))
             rows = coefs[chunk]

@@ -56,6 +56,26 @@ def _each(fn: Callable[..., Tensor], *args: Any) -> Any:
     return fn(*args)
 
 
+#: the state entry that collects a step's statistics when the group option ``statistics`` is on (a float32
+#: vector per parameter, see ``_record_statistics``); hidden from the update like the 8-bit scales
+STATISTICS = "statistics"
+#: entries an update function may add to its state dict for the statistics: ``state["stat_trust_ratio"] = r``
+STATISTIC_PREFIX = "stat_"
+
+
+def _statistics_row(sink: Tensor, new: Tensor, old: Tensor, *rest: Tensor, squares: int) -> Tensor:
+    """One parameter's statistics written into ``sink``: the sums of squares of the update (new - old), of the
+    weight and of the first ``squares`` of ``rest`` (its state tensors), then the rest as they are (scalars the
+    update reported), NaN-padded to the sink's length. Sums, not norms: the host takes the roots, once."""
+    values = [(new - old).square().sum(), new.square().sum(), *(t.square().sum() for t in rest[:squares])]
+    values += [t.reshape(()) if isinstance(t, Tensor) else new.new_tensor(t) for t in rest[squares:]]
+    row = torch.stack([v.to(sink.dtype) for v in values])
+    if row.numel() < sink.numel():
+        row = torch.cat([row, row.new_full((sink.numel() - row.numel(),), float("nan"))])
+    sink.view(-1).copy_(row)
+    return sink
+
+
 def apply_update(
     update: Callable[..., None],
     p: Any,
@@ -83,7 +103,7 @@ def apply_update(
     if g.dtype != compute_dtype:
         g = g.to(compute_dtype)
     quantized = {name: signed for name, signed in storage.quantized if state[name].dtype == torch.uint8}
-    hidden = {storage_.absmax_name(name) for name in quantized} | {"compensation"}
+    hidden = {storage_.absmax_name(name) for name in quantized} | {"compensation", STATISTICS}
     converted = [name for name, s in state.items() if name not in hidden and s.dtype != compute_dtype]
     work = {name: s for name, s in state.items() if name not in hidden}
     for name in converted:
@@ -95,7 +115,15 @@ def apply_update(
     p_compute = p if p.dtype == compute_dtype else p.to(compute_dtype)
     if storage.weights == "compensated":
         p_compute = p_compute.add(state["compensation"].to(compute_dtype))
+    sink = state.get(STATISTICS)
+    before = _each(torch.clone, p_compute) if sink is not None else None
     update(p_compute, g, work, c, **flags)
+    if sink is not None:
+        moments = list(work.values())
+        reported = [work[k] for k in sorted(work) if k.startswith(STATISTIC_PREFIX)]
+        moments = moments[: len(moments) - len(reported)]
+        row = partial(_statistics_row, squares=len(moments))
+        _each(row, sink, p_compute, before, *moments, *reported)
     if storage.weights == "stochastic":
         salts = c["rounding_salt"]
         salts = list(salts.unbind(0)) if isinstance(p, TensorList) and isinstance(salts, Tensor) else salts

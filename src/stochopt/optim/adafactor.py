@@ -83,6 +83,8 @@ class Adafactor(EngineOptimizer):
     (``row_var``, ``col_var``), a vector its own size (``variance``), plus a full-size ``exp_avg`` with beta1.
     """
 
+    _coefficient_statistics = {"relative_step": ("rho", 1.0)}  # min(lr, 1/sqrt(t))
+
     _decoupled_decay = True  # decay_factor on the weights: decouple_lr applies
 
     _flatten = False  # the row and column statistics need the parameter's shape

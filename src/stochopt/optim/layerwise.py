@@ -43,6 +43,7 @@ class Lamb(EngineOptimizer):
     # already realized, so no tensor-sized buffer is added).
     _compile_options = {**ELEMENTWISE_OPTIONS, "realize_opcount_threshold": 4}
     _whole_tensor_update = True  # the trust ratio's norms
+    _update_statistics = ("trust_ratio",)
 
     def __init__(
         self,
@@ -106,7 +107,9 @@ class Lamb(EngineOptimizer):
         if decay:
             u.add_(p, alpha=c["weight_decay"])
         if adapt:
-            u.mul_(trust_ratio(norm(p), norm(u), c["max_trust_ratio"] if clamp else None))
+            ratio = trust_ratio(norm(p), norm(u), c["max_trust_ratio"] if clamp else None)
+            state["stat_trust_ratio"] = ratio  # for the statistics (engine/statistics.py); the update ignores it
+            u.mul_(ratio)
         p.add_(u, alpha=c["neg_lr"])
 
 
@@ -126,6 +129,7 @@ class Lars(EngineOptimizer):
     """
 
     _whole_tensor_update = True  # the trust ratio's norms
+    _update_statistics = ("trust_ratio",)
 
     def __init__(
         self,
@@ -185,6 +189,7 @@ class Lars(EngineOptimizer):
             p_norm, g_norm = norm(p), norm(g)
             denominator = g_norm.add(p_norm.mul(c["weight_decay"])).add(c["eps"])
             local_lr = trust_ratio(p_norm.mul(c["trust_coefficient"]), denominator, guard=g_norm)
+            state["stat_trust_ratio"] = local_lr  # for the statistics (engine/statistics.py)
         if decay:
             g = l2_penalty(g, p, c["weight_decay"])
         buf.mul_(c["momentum"])

@@ -174,6 +174,8 @@ class Muon(EngineOptimizer):
     device multiplies it natively, float32 elsewhere).
     """
 
+    _coefficient_statistics = {"adjusted_lr": ("neg_lr", -1.0)}  # the matrices' lr after shape scaling
+
     _decoupled_decay = True  # decay_factor on the weights: decouple_lr applies
 
     _capturable = False  # its step loop decides on the host (matrix work per tensor)

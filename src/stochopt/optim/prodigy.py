@@ -116,6 +116,8 @@ class Prodigy(EngineOptimizer):
     eager one.
     """
 
+    _group_statistics = ("d",)  # the step size it estimated
+
     _capturable = False  # the d estimate is read and decided on the host, once per step (see the docstring)
     _whole_tensor_update = True  # sharded: each owner's sums, reduced over the processes (see _reduces)
 

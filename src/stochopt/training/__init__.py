@@ -2,6 +2,7 @@
 gradient clipping, gradient accumulation, batch-size ramps, mixed precision with master weights, parameter
 groups, and weight averaging (SWA, EMA)."""
 
+from stochopt.engine.statistics import flat_statistics, write_statistics
 from stochopt.training.accumulation import accumulate_gradients, batch_size, split_batch
 from stochopt.training.averaging import EMA, SWA
 from stochopt.training.clipping import ClipResult, adaptive_clip_grad_, clip_gradients, unitwise_norm
@@ -28,4 +29,5 @@ __all__ = [
     "MixedPrecision", "TrainingMemory", "BatchSizeRamp", "RampBatchSampler", "SCHEDULES", "InverseSqrtLR",
     "WarmupDecayLR", "WarmupStableDecayLR", "inverse_sqrt_factor", "plot_schedules", "schedule_curve",
     "warmup_decay_factor", "warmup_stable_decay_factor", "StepInBackward", "WeightDecaySchedule",
+    "flat_statistics", "write_statistics",
 ]  # fmt: skip
