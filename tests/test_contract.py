@@ -529,6 +529,8 @@ def test_nonfinite_policies() -> None:
     model[1].weight.grad[0, 1] = math.nan
     with pytest.raises(NonFiniteGradientError, match=r"the gradient of '1\.weight' holds inf or NaN"):
         named.step()
+    with pytest.raises(TypeError, match=r"params\[0\] \('ids'\) has dtype torch.int64"):
+        stochopt.SGD([("ids", torch.zeros(3, dtype=torch.long))], lr=0.1)
     model[1].weight.grad = model[1].weight.grad.to_sparse()
     with pytest.raises(ValueError, match=r"sparse gradients \('1\.weight', shape \(1, 3\)\)"):
         named.step()

@@ -99,6 +99,53 @@ def test_a_weight_decay_schedule_sets_the_decay_of_each_step_and_resumes(path):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
 
+def sgdw_reference(params, steps: int, wd: float, decouple_lr: bool) -> list[torch.Tensor]:
+    """SGDW (Loshchilov & Hutter, 2019, Algorithm 1) with Nesterov momentum 0.9, in float64."""
+    ps = clone_params(params)
+    bufs = [None] * len(ps)
+    for t in range(steps):
+        set_grads(ps, t)
+        lr = lr_at(t)
+        with torch.no_grad():
+            for i, p in enumerate(ps):
+                g = p.grad
+                bufs[i] = g.clone() if bufs[i] is None else 0.9 * bufs[i] + g
+                p.mul_(1 - (wd if decouple_lr else lr * wd))
+                p.sub_(lr * (g + 0.9 * bufs[i]))
+    return ps
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("decouple_lr", [False, True])
+def test_sgdw_equals_the_loop(path, decouple_lr):
+    """SGD with decoupled_weight_decay=True (torch's native fused SGD has L2 decay only: the factor is applied
+    before it); with decouple_lr the factor is 1 - wd."""
+    params = make_params()
+    wd = WD if decouple_lr else 0.1
+    opt = stochopt.SGD(
+        params, lr=lr_at(0), momentum=0.9, nesterov=True, weight_decay=wd, decoupled_weight_decay=True,
+        decouple_lr=decouple_lr, **PATHS[path],
+    )  # fmt: skip
+    train(opt, params, STEPS)
+    for p, q in zip(params, sgdw_reference(make_params(), STEPS, wd, decouple_lr)):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_prodigy_decay_without_d_and_lr():
+    """Prodigy's decoupled decay is p - wd d lr p (the authors' form); with decouple_lr it is p - wd p. On the
+    first step the rest of the update does not see the weights (d's estimate starts from p - p0 = 0), so the
+    runs with and without decay differ by the decay alone: -wd p0, and -wd d0 lr p0 in the authors' form."""
+    for decouple_lr, shift in ((True, -0.01), (False, -0.01 * 1e-6 * 1.0)):
+        runs = []
+        for wd in (0.01, 0.0):
+            p = torch.ones(4, 4, dtype=torch.float64, requires_grad=True)
+            opt = stochopt.Prodigy([p], lr=1.0, weight_decay=wd, decouple_lr=decouple_lr)
+            p.grad = torch.full_like(p, 0.5)
+            opt.step()
+            runs.append(p.detach())
+        torch.testing.assert_close(runs[0] - runs[1], torch.full_like(runs[0], shift), rtol=1e-9, atol=1e-15)
+
+
 def test_muon_decay_is_wd_alone():
     """Muon's matrices (Newton-Schulz, the engine's whole-matrix path): decouple_lr with wd equals torch's form
     with wd / lr at a constant lr."""

@@ -48,19 +48,18 @@ def check_group_params(group: dict[str, Any], existing_groups: list[dict[str, An
     seen: dict[int, int] = {}
     for index, item in enumerate(items):
         p = _as_tensor(item)
+        label = f"params[{index}]" + (f" ({item[0]!r})" if p is not item else "")  # named: its name too
         if not isinstance(p, Tensor):
-            raise TypeError(f"params[{index}] must be a torch.Tensor, got {type(p).__name__}")
+            raise TypeError(f"{label} must be a torch.Tensor, got {type(p).__name__}")
         if not p.is_leaf:
             raise ValueError(
-                f"params[{index}] (shape {tuple(p.shape)}) is not a leaf tensor (grad_fn={type(p.grad_fn).__name__}): "
+                f"{label} (shape {tuple(p.shape)}) is not a leaf tensor (grad_fn={type(p.grad_fn).__name__}): "
                 "optimize the tensor it was computed from, or .detach().requires_grad_() it"
             )
         if not p.dtype.is_floating_point and not p.dtype.is_complex:
-            raise TypeError(f"params[{index}] has dtype {p.dtype}; optimizers need floating-point parameters")
+            raise TypeError(f"{label} has dtype {p.dtype}; optimizers need floating-point parameters")
         if id(p) in seen:
-            raise ValueError(
-                f"params[{index}] is the same tensor as params[{seen[id(p)]}]: each parameter may appear once"
-            )
+            raise ValueError(f"{label} is the same tensor as params[{seen[id(p)]}]: each parameter may appear once")
         seen[id(p)] = index
     for g_index, other in enumerate(existing_groups):
         for q in other["params"]:

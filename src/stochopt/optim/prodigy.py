@@ -138,6 +138,7 @@ class Prodigy(EngineOptimizer):
         fsdp_in_use: bool = False,
         slice_p: int = 1,
         *,
+        decouple_lr: bool = False,
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -151,6 +152,7 @@ class Prodigy(EngineOptimizer):
         self._fresh: set[int] = set()
         defaults = dict(
             lr=lr, betas=betas, beta3=beta3, eps=eps, weight_decay=weight_decay, decouple=decouple,
+            decouple_lr=decouple_lr,
             use_bias_correction=use_bias_correction, safeguard_warmup=safeguard_warmup, d0=d0, d_coef=d_coef,
             growth_rate=growth_rate, fsdp_in_use=fsdp_in_use, slice_p=slice_p,
             maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
@@ -163,6 +165,9 @@ class Prodigy(EngineOptimizer):
         self._plan, self._fresh = None, set()
 
     # ----- the hyperparameters -----------------------------------------------------------------------------------
+    def _decouples_decay(self, group: dict[str, Any]) -> bool:
+        return bool(group["decouple"])
+
     def _validate(self, group: dict[str, Any]) -> None:
         checks.nonnegative("lr", group["lr"])
         checks.betas(group["betas"])
@@ -366,7 +371,7 @@ class Prodigy(EngineOptimizer):
             "d_one_minus_beta1": plan.d * (1 - beta1),
             "d2_one_minus_beta2": plan.d * plan.d * (1 - beta2),
             "weight_decay": decay,
-            "neg_decay_dlr": -decay * plan.dlr,
+            "neg_decay_dlr": -decay * (1.0 if group["decouple_lr"] else plan.dlr),  # decouple_lr: wd alone
             "d_eps": plan.d_new * scalar(group["eps"]),
             "neg_dlr": -plan.dlr,
             "neg_dlr_d": -plan.dlr * plan.d_new,

@@ -8,7 +8,14 @@ import torch
 
 from stochopt.engine import STEP, EngineOptimizer, StateSpec, checks, scalar
 from stochopt.engine.scalars import where
-from stochopt.optim.common import cautious_direction, heavy_ball_, l2_penalty, nesterov_direction
+from stochopt.optim.common import (
+    cautious_direction,
+    decay_factor,
+    heavy_ball_,
+    l2_penalty,
+    nesterov_direction,
+    weight_decay,
+)
 
 #: the heavy-ball buffer (signed 8-bit codes under ``state_dtype="int8"``)
 MOMENTUM_BUFFER = StateSpec("momentum_buffer", quantize="signed")
@@ -30,6 +37,10 @@ class SGD(EngineOptimizer):
     ``torch.optim.SGD`` (Robbins & Monro, 1951; Polyak, 1964; Sutskever et al., 2013, "On the importance of
     initialization and momentum in deep learning").
 
+    ``decoupled_weight_decay=True``: SGDW (Loshchilov & Hutter, 2019, Algorithm 1), the decay
+    :math:`\theta \leftarrow (1 - \eta\lambda)\theta` apart from the gradient (and from the momentum), and with
+    ``decouple_lr=True`` :math:`(1 - \lambda)\theta`, not scaled by the lr.
+
     ``cautious=True`` (needs momentum): :math:`d_t` masked where its sign disagrees with :math:`g_t`'s, rescaled
     by the fraction kept (:func:`stochopt.optim.common.cautious_direction`; Liang et al., 2024).
     """
@@ -45,6 +56,8 @@ class SGD(EngineOptimizer):
         weight_decay: float = 0.0,
         nesterov: bool = False,
         *,
+        decoupled_weight_decay: bool = False,
+        decouple_lr: bool = False,
         cautious: bool = False,
         maximize: bool = False,
         foreach: bool | None = None,
@@ -57,7 +70,7 @@ class SGD(EngineOptimizer):
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-            cautious=cautious,
+            cautious=cautious, decoupled_weight_decay=decoupled_weight_decay, decouple_lr=decouple_lr,
             maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
             state_dtype=state_dtype, weight_rounding=weight_rounding, rounding_seed=rounding_seed,
         )  # fmt: skip
@@ -69,6 +82,7 @@ class SGD(EngineOptimizer):
         checks.nonnegative("dampening", group["dampening"])
         checks.nonnegative("weight_decay", group["weight_decay"])
         checks.flag("nesterov", group["nesterov"])
+        checks.flag("decoupled_weight_decay", group["decoupled_weight_decay"])
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError(
                 "nesterov=True needs momentum > 0 and dampening = 0, got "
@@ -88,6 +102,7 @@ class SGD(EngineOptimizer):
             "momentum": group["momentum"] != 0,
             "nesterov": bool(group["nesterov"]),
             "decay": group["weight_decay"] != 0,
+            "decoupled": bool(group["decoupled_weight_decay"]),
         }
 
     def _coefficients(self, group: dict[str, Any], step: int, states: list) -> dict[str, float]:
@@ -98,14 +113,23 @@ class SGD(EngineOptimizer):
             "momentum": scalar(group["momentum"]),
             "dampening_factor": dampening_factor,
             "weight_decay": scalar(group["weight_decay"]),
+            "decay_factor": decay_factor(group, scalar(group["lr"])),
         }
 
     @staticmethod
     def _update(
-        p: Any, g: Any, state: dict, c: dict, *, momentum: bool, nesterov: bool, decay: bool, cautious: bool = False
+        p: Any,
+        g: Any,
+        state: dict,
+        c: dict,
+        *,
+        momentum: bool,
+        nesterov: bool,
+        decay: bool,
+        decoupled: bool = False,
+        cautious: bool = False,
     ) -> None:
-        if decay:
-            g = l2_penalty(g, p, c["weight_decay"])
+        g = weight_decay(p, g, c, decay=decay, decoupled=decoupled)
         u = g
         if momentum:
             buf = state["momentum_buffer"]
@@ -117,8 +141,16 @@ class SGD(EngineOptimizer):
         self, group: dict, ps: list, gs: list, states: list, flags: dict, step: Any, grad_scale: Any, found_inf: Any
     ) -> None:
         buffers = [s["momentum_buffer"] for s in states] if flags["momentum"] else []
+        decay = scalar(group["weight_decay"])
+        if flags["decoupled"] and flags["decay"]:  # torch's kernel has L2 decay only: SGDW's factor first
+            factor = decay_factor(group, scalar(group["lr"]))
+            if found_inf is None:
+                torch._foreach_mul_(ps, factor)
+            else:  # a step skipped for found_inf must leave the weights as they were
+                torch._foreach_mul_(ps, torch.where(found_inf > 0, 1.0, factor).to(ps[0].dtype))
+            decay = 0.0
         torch._fused_sgd_(
-            ps, gs, buffers, weight_decay=scalar(group["weight_decay"]), momentum=scalar(group["momentum"]),
+            ps, gs, buffers, weight_decay=decay, momentum=scalar(group["momentum"]),
             lr=scalar(group["lr"]), dampening=scalar(group["dampening"]), nesterov=flags["nesterov"],
             maximize=group["maximize"], is_first_step=step == 1, grad_scale=grad_scale, found_inf=found_inf,
         )  # fmt: skip
