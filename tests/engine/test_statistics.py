@@ -135,3 +135,23 @@ def test_adapters_give_a_flat_dict_and_tensorboard_scalars():
     assert writer.scalars == [(tag, value, 7) for tag, value in flat.items()]
     with pytest.raises(TypeError, match="add_scalar"):
         write_statistics(object(), opt.statistics, step=0)
+
+
+@pytest.mark.parametrize("name", [n for n in stochopt.list_optimizers() if n != "lazyadam"])
+def test_every_optimizer_reports_its_update_and_weight(name):
+    """Each registered optimizer (LazyAdam's sparse rows aside: refused above), its default path, two steps of a
+    small MLP: the update norm is the change of the weights, whatever state the optimizer keeps."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    opt = stochopt.create_optimizer(name, list(model.named_parameters()), lr=1e-2)
+    opt.track_statistics()
+    for _ in range(2):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.zero_grad()
+        model(torch.randn(16, 6)).square().mean().backward()
+        opt.step()
+    stats = opt.statistics["params"]
+    assert set(stats) == set(before)
+    for n, p in model.named_parameters():
+        assert stats[n]["update_norm"] == pytest.approx(norm(p.detach() - before[n]), rel=1e-4, abs=1e-7), n
+        assert stats[n]["weight_norm"] == pytest.approx(norm(p), rel=1e-5), n

@@ -117,11 +117,11 @@ def apply_update(
         p_compute = p_compute.add(state["compensation"].to(compute_dtype))
     sink = state.get(STATISTICS)
     before = _each(torch.clone, p_compute) if sink is not None else None
+    measured = list(work)  # the state tensors, before the update adds what it reports
     update(p_compute, g, work, c, **flags)
     if sink is not None:
-        moments = list(work.values())
+        moments = [work[name] for name in measured]
         reported = [work[k] for k in sorted(work) if k.startswith(STATISTIC_PREFIX)]
-        moments = moments[: len(moments) - len(reported)]
         row = partial(_statistics_row, squares=len(moments))
         _each(row, sink, p_compute, before, *moments, *reported)
     if storage.weights == "stochastic":
