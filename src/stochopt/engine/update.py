@@ -57,7 +57,7 @@ def _each(fn: Callable[..., Tensor], *args: Any) -> Any:
 
 
 #: the state entry that collects a step's statistics when the group option ``statistics`` is on (a float32
-#: vector per parameter, see ``_record_statistics``); hidden from the update like the 8-bit scales
+#: vector per parameter, engine/statistics.py); hidden from the update like the 8-bit scales
 STATISTICS = "statistics"
 #: entries an update function may add to its state dict for the statistics: ``state["stat_trust_ratio"] = r``
 STATISTIC_PREFIX = "stat_"
