@@ -4,6 +4,7 @@
     python examples/lean_state.py                    # both workloads, 3 seeds, then the speed
     python examples/lean_state.py --steps 100 --seeds 1 --workloads digits_mlp --speed-params 0   # a quick look
     python examples/lean_state.py --workloads "" --speed-matrix 4096x2048   # the speed alone, on one matrix
+    python examples/lean_state.py --workloads char_gpt --configs "fp32,bf16 SR + int8" --speed-params 0
 
 The speed rows include bitsandbytes' and torchao's 8-bit AdamW where they are installed.
 
@@ -73,13 +74,15 @@ def train(workload, config: str, seed: int, steps: int) -> float:
     return validation_loss(workload, model)
 
 
-def quality(workloads: list[str], seeds: int, steps: dict[str, int]) -> dict[str, dict[str, list[float]]]:
+def quality(
+    workloads: list[str], seeds: int, steps: dict[str, int], configs: list[str] | None = None
+) -> dict[str, dict[str, list[float]]]:
     results: dict[str, dict[str, list[float]]] = {}
     for name in workloads:
         workload = load_workload(name)
         workload.setup()
         results[name] = {}
-        for config in CONFIGS:
+        for config in configs or list(CONFIGS):
             losses = []
             for seed in range(seeds):
                 start = time.perf_counter()
@@ -164,11 +167,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workloads", default="char_gpt,digits_mlp")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, help="steps per run (default: char_gpt 400, digits_mlp 1500)")
+    parser.add_argument("--configs", help=f"comma-separated subset of: {', '.join(CONFIGS)} (default: all)")
     parser.add_argument("--speed-params", type=int, default=30_000_000, help="0: skip the speed measurement")
     parser.add_argument("--speed-matrix", metavar="ROWSxCOLS", help="measure the speed on one matrix instead")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()] if args.configs else None
+    unknown = [c for c in configs or [] if c not in CONFIGS]
+    if unknown or configs == []:
+        parser.error(f"--configs must name some of {', '.join(CONFIGS)}, got {args.configs!r}")
     matrix = None
     if args.speed_matrix:
         try:
@@ -180,14 +188,16 @@ def main(argv: list[str] | None = None) -> dict:
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     steps = {"char_gpt": 400, "digits_mlp": 1500}
     steps = {name: args.steps or steps.get(name, 500) for name in workloads}
-    results = quality(workloads, args.seeds, steps)
+    results = quality(workloads, args.seeds, steps, configs)
     for name, by_config in results.items():
         print(f"\n{name}, {steps[name]} steps, AdamW {HYPERPARAMETERS}, {args.seeds} seeds: final validation loss")
         print("| configuration | mean | spread (max - min) | mean - fp32 mean |\n|---|---|---|---|")
-        reference = statistics.mean(by_config["fp32"])
+        reference = statistics.mean(by_config["fp32"]) if "fp32" in by_config else None  # --configs may omit it
         for config, losses in by_config.items():
             mean = statistics.mean(losses)
-            print(f"| {config} | {mean:.4f} | {max(losses) - min(losses):.4f} | {mean - reference:+.4f} |")
+            against = f"{mean - reference:+.4f}" if reference is not None else "-"
+            seeds = ", ".join(f"{loss:.4f}" for loss in losses)
+            print(f"| {config} | {mean:.4f} | {max(losses) - min(losses):.4f} | {against} | seeds: {seeds}")
     out = {"quality": results}
     if args.speed_params:
         rates, fractions = speed(args.speed_params, matrix=matrix)
