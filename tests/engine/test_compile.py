@@ -116,7 +116,7 @@ def test_the_step_compiled_alone_has_no_graph_break(name: str) -> None:
 
 def test_one_launch_per_bucket_and_one_graph_for_any_number_of_tensors(monkeypatch) -> None:
     launches = []
-    real = engine.fused_kernel
+    real = fused.fused_kernel
 
     def counting(*args, **kwargs):
         kernel = real(*args, **kwargs)
@@ -127,7 +127,7 @@ def test_one_launch_per_bucket_and_one_graph_for_any_number_of_tensors(monkeypat
 
         return launch
 
-    monkeypatch.setattr(engine, "fused_kernel", counting)
+    monkeypatch.setattr(fused, "fused_kernel", counting)
     shapes = [(40, 30), (17,), (5, 3, 2), (64,)] * 5  # 20 tensors, several of one size
     params = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in shapes]
     opt = stochopt.NAdam(params, lr=1e-3, fused=True)

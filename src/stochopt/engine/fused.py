@@ -33,13 +33,23 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 import torch.fx.experimental._config as fx_config
 from torch import Tensor
 
-from stochopt.engine.update import PLAIN, Storage, apply_update, centralize
+from stochopt.engine import storage
+from stochopt.engine.update import (
+    PLAIN,
+    STATISTICS,
+    Storage,
+    apply_update,
+    centralize,
+    coefficient_row,
+    pick,
+)
 
 _KERNELS: dict[tuple[Any, ...], Callable[..., None]] = {}
 
@@ -175,3 +185,112 @@ def _compile(
             _in_fused_kernel = False
 
     return launch
+
+
+def run_compiled(
+    update: Callable[..., None],
+    flags: dict[str, Any],
+    names: list[str],
+    compute_dtype: torch.dtype,
+    ps: list[Tensor],
+    gs: list[Tensor],
+    states: list[dict[str, Tensor]],
+    c: dict[str, Any],
+    centralized: bool,
+    amp: tuple[Tensor, Tensor] | None,
+    stored: Storage = PLAIN,
+    *,
+    maximize: bool,
+    options: dict[str, Any] | None,
+    staged: bool,
+    flatten: bool,
+) -> None:
+    """The bucket as tensor code: ``BUCKET_WIDTH`` tensors per launch of the compiled kernel, or, traced by
+    the user's torch.compile, the same code inline (dynamo fuses it with the user's step). ``centralized``:
+    the gradients are to be centralized (in the kernel: one more read of g instead of an eager mean,
+    subtraction and temporary)."""
+    coef_names = tuple(c)
+    device = ps[0].device
+    amp_tensor = None
+    if amp is not None:
+        amp_tensor = torch.stack([amp[0].reciprocal(), amp[1]]).to(device, coefficient_dtype(compute_dtype))
+    by_name = {n: [s[n] for s in states] for n in names}
+    run_here = partial(update_bucket, update, flags, maximize, compute_dtype, storage=stored)
+    if torch.compiler.is_compiling():
+        run_here(ps, gs, by_name, [coefficient_row(c, i) for i in range(len(ps))], amp_tensor, centralized)
+        return
+    coefs = _coefficient_rows(c, coef_names, len(ps), device, coefficient_dtype(compute_dtype))
+    kernel = fused_kernel(
+        update, flags, coef_names, maximize, options, staged, centralized,
+        compute_dtype=compute_dtype, amp=amp is not None, storage=stored,
+    )  # fmt: skip
+    # Flattened (elementwise math) or, centralized, by rows: the kernel needs the rows (the mean over all
+    # dimensions but the first) and a row-by-row loop: in a flat loop the compiled kernel would find each
+    # element's row mean by an integer division (measured: the step took 4x as long). detach: a view's _base
+    # would add shape guards. One tensor per launch where shapes are kept (``_flatten = False``) or the
+    # update is staged. Tensors of fewer than two elements (dynamo specializes sizes 0 and 1) and strided
+    # ones (no flat view without a copy) run the same code uncompiled.
+    width = BUCKET_WIDTH if flatten and not staged else 1
+    launch, alone = [], []
+    for i, p in enumerate(ps):
+        tensors = [p, gs[i], *(by_name[n][i] for n in names)]
+        fits = p.numel() >= 2 and (not flatten or all(t.is_contiguous() for t in tensors))
+        (launch if fits else alone).append(i)
+    # a padding tensor of a quantized bucket has two blocks (its scales two values: a size of 1 would be
+    # specialized by dynamo, and compiled again)
+    quantized = any(by_name[n][0].dtype == torch.uint8 for n, _ in stored.quantized if n in by_name)
+    scales = {storage.absmax_name(n) for n, _ in stored.quantized}
+    pad_numel = [2 if name in scales or not quantized else storage.MIN_NUMEL for name in ("p", "g", *names)]
+    for start in range(0, len(launch), width):
+        chunk = launch[start : start + width]
+        args = []
+        for name, column in zip(("p", "g", *by_name), (ps, gs, *by_name.values())):
+            if name == STATISTICS:  # a short vector, flat in every kernel, padded with its own length
+                views = [column[i].view(-1).detach() for i in chunk]
+                args.append(views + _scratch(views[0], width - len(chunk), len(args), views[0].numel()))
+                continue
+            views = [_kernel_view(column[i], flatten, centralized) for i in chunk]
+            args.append(views + _scratch(views[0], width - len(chunk), len(args), pad_numel[len(args)]))
+        rows = coefs[chunk]
+        if len(chunk) < width:
+            rows = torch.cat([rows, rows[:1].expand(width - len(chunk), -1)])
+        kernel(args[0], args[1], dict(zip(names, args[2:])), rows, amp_tensor)
+    if alone:  # with the coefficients as the eager paths take them (numbers, in number mode)
+        sub = pick((ps, gs, *by_name.values()), alone)
+        rows = [coefficient_row(c, i) for i in alone]
+        run_here(sub[0], sub[1], dict(zip(names, sub[2:])), rows, amp_tensor, centralized)
+
+
+def _coefficient_rows(
+    c: dict[str, Any], names: tuple[str, ...], n: int, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """The coefficients as an ``(n, len(names))`` tensor: numbers (number mode) repeated on every row, tensors
+    (tensor mode: one entry per parameter, or one for all) broadcast to their rows."""
+    if not any(isinstance(c[k], Tensor) for k in names):
+        return torch.tensor([c[k] for k in names], dtype=dtype, device=device).repeat(n, 1)
+    columns = [torch.as_tensor(c[k], dtype=torch.float64).to(device).expand(n) for k in names]
+    return torch.stack(columns, dim=1).to(dtype)
+
+
+def _kernel_view(t: Tensor, flatten: bool, centralized: bool) -> Tensor:
+    """What the compiled kernel sees of ``t``: flat, by rows (centralized), or in its shape; detached, because a
+    view's ``_base`` would add shape guards."""
+    if not flatten:
+        return t.detach()
+    return (t.view(-1) if not centralized else t.view(t.shape[0], -1)).detach()
+
+
+_SCRATCH: dict[tuple[Any, ...], list[Tensor]] = {}
+
+
+def _scratch(like: Tensor, count: int, column: int, numel: int = 2) -> list[Tensor]:
+    """``count`` tensors of ``numel`` elements that pad a launch to the kernel's width: distinct per column and
+    slot (the kernel must not see one tensor twice), written by the kernel and never read by anything else."""
+    if count <= 0:
+        return []
+    shape = (numel,) if like.dim() == 1 else (2, numel // 2)
+    key = (like.device, like.dtype, shape, column)
+    pads = _SCRATCH.setdefault(key, [])
+    while len(pads) < count:
+        pads.append(torch.ones(shape, dtype=like.dtype, device=like.device))
+    return pads[:count]

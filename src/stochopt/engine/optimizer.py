@@ -36,7 +36,6 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from stochopt.engine import checks, fused, scalars, sharded, statistics, storage
-from stochopt.engine.fused import coefficient_dtype, fused_kernel, update_bucket
 from stochopt.engine.layout import (
     STEP,
     StateSpec,
@@ -51,7 +50,7 @@ from stochopt.engine.layout import (
     with_statistics,
 )
 from stochopt.engine.tensorlist import TensorList
-from stochopt.engine.update import PLAIN, STATISTICS, Storage, apply_update, centralize
+from stochopt.engine.update import PLAIN, Storage, apply_update, centralize, coefficient_row, coefficient_rows, pick
 
 NONFINITE_POLICIES = (None, "skip", "raise")
 
@@ -505,7 +504,6 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
         stand_ins = getattr(self, "_stand_ins", {})
         names = group.get("param_names") or []
         for index, p in enumerate(group["params"]):
-            label = repr(names[index]) if index < len(names) else f"param {index} of its group"
             if id(p) in stand_ins:  # sharded, stepped whole on its owner (None: on another rank)
                 p = stand_ins[id(p)]
                 if p is None:
@@ -514,12 +512,12 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
                 continue
             if p.grad.is_sparse and self._sparse_update is None:
                 raise ValueError(
-                    f"{type(self).__name__} does not support sparse gradients ({label}, shape "
+                    f"{type(self).__name__} does not support sparse gradients ({_label(names, index)}, shape "
                     f"{tuple(p.shape)}); use stochopt.LazyAdam, or nn.Embedding(sparse=False)"
                 )
             if torch.is_complex(p):
                 raise TypeError(
-                    f"{type(self).__name__} got a complex parameter ({label}, dtype {p.dtype}); "
+                    f"{type(self).__name__} got a complex parameter ({_label(names, index)}, dtype {p.dtype}); "
                     "optimize torch.view_as_real(param) instead"
                 )
             params.append(p)
@@ -653,7 +651,7 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
                     c["rounding_salt"] = self._rounding_salts(group, originals, step)
             if group["statistics"]:
                 for i, p in enumerate(originals):
-                    statistics.record_coefficients(self, p, _row(c, i))
+                    statistics.record_coefficients(self, p, coefficient_row(c, i))
             flags = self._flags(group, step, matrix)
             if self._cautious_supported:
                 flags = {**flags, "cautious": bool(group["cautious"])}
@@ -664,14 +662,16 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
             if sparse:
                 for i, (p, g, s) in enumerate(zip(ps, gs, states)):
                     g = -g if group["maximize"] else g
-                    self._sparse_update(p, g, {n: s[n] for n in names}, _row(c, i), **flags)
+                    self._sparse_update(p, g, {n: s[n] for n in names}, coefficient_row(c, i), **flags)
             elif native:
                 with scalars.tensor_mode() if tensor_mode else nullcontext():  # a tensor lr stays a tensor
                     self._native_fused(group, ps, gs, states, flags, step, *(in_kernel_amp or (None, None)))
             elif compiled:
-                self._run_compiled(
-                    group, flags, names, compute_dtype, ps, gs, states, c, centralized, in_kernel_amp, stored
-                )
+                fused.run_compiled(
+                    type(self)._update, flags, names, compute_dtype, ps, gs, states, c, centralized, in_kernel_amp,
+                    stored, maximize=group["maximize"], options=self._compile_options, staged=self._staged,
+                    flatten=self._flatten,
+                )  # fmt: skip
             elif group["foreach"] or (group["foreach"] is None and device.type != "cpu"):
                 eager(ps, gs, states, multi_tensor=True)
             elif group["foreach"] is None:
@@ -681,7 +681,7 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
                 large = [i for i, p in enumerate(ps) if p.numel() >= SMALL_TENSOR_NUMEL]
                 for subset, multi in ((small, True), (large, False)):
                     if subset:
-                        eager(*_pick((ps, gs, states), subset), multi_tensor=multi)
+                        eager(*pick((ps, gs, states), subset), multi_tensor=multi)
             else:
                 eager(ps, gs, states, multi_tensor=False)
             if in_kernel_amp is not None:  # a step skipped for found_inf is not counted, nor its scalar state moved
@@ -711,12 +711,12 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
 
         if multi_tensor:
             for chunk in _round_trip_chunks(ps, states, names, compute_dtype):
-                cps, cgs, cstates = _pick((ps, gs, states), chunk)
+                cps, cgs, cstates = pick((ps, gs, states), chunk)
                 tl_state = {n: TensorList(s[n] for s in cstates) for n in names}
-                run(TensorList(cps), TensorList(cgs), tl_state, _rows(c, chunk))
+                run(TensorList(cps), TensorList(cgs), tl_state, coefficient_rows(c, chunk))
             return
         for i, (p, g, s) in enumerate(zip(ps, gs, states)):
-            run(p, g, {n: s[n] for n in names}, _row(c, i))
+            run(p, g, {n: s[n] for n in names}, coefficient_row(c, i))
 
     def _native_fits(
         self, device: torch.device, dtype: torch.dtype, state_dtype: torch.dtype, states: list, tensor_mode: bool
@@ -732,75 +732,6 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
             and states[0].get("step", torch.empty((), dtype=torch.float32)).dtype == torch.float32
         )
 
-    def _run_compiled(
-        self,
-        group: dict[str, Any],
-        flags: dict[str, Any],
-        names: list[str],
-        compute_dtype: torch.dtype,
-        ps: list[Tensor],
-        gs: list[Tensor],
-        states: list[dict[str, Tensor]],
-        c: dict[str, Any],
-        centralized: bool,
-        amp: tuple[Tensor, Tensor] | None,
-        stored: Storage = PLAIN,
-    ) -> None:
-        """The bucket as tensor code: ``BUCKET_WIDTH`` tensors per launch of the compiled kernel, or, traced by
-        the user's torch.compile, the same code inline (dynamo fuses it with the user's step). ``centralized``:
-        the gradients are to be centralized (in the kernel: one more read of g instead of an eager mean,
-        subtraction and temporary)."""
-        coef_names = tuple(c)
-        device = ps[0].device
-        amp_tensor = None
-        if amp is not None:
-            amp_tensor = torch.stack([amp[0].reciprocal(), amp[1]]).to(device, coefficient_dtype(compute_dtype))
-        by_name = {n: [s[n] for s in states] for n in names}
-        run_here = partial(update_bucket, type(self)._update, flags, group["maximize"], compute_dtype, storage=stored)
-        if torch.compiler.is_compiling():
-            run_here(ps, gs, by_name, [_row(c, i) for i in range(len(ps))], amp_tensor, centralized)
-            return
-        coefs = _coefficient_rows(c, coef_names, len(ps), device, coefficient_dtype(compute_dtype))
-        kernel = fused_kernel(
-            type(self)._update, flags, coef_names, group["maximize"], self._compile_options, self._staged, centralized,
-            compute_dtype=compute_dtype, amp=amp is not None, storage=stored,
-        )  # fmt: skip
-        # Flattened (elementwise math) or, centralized, by rows: the kernel needs the rows (the mean over all
-        # dimensions but the first) and a row-by-row loop: in a flat loop the compiled kernel would find each
-        # element's row mean by an integer division (measured: the step took 4x as long). detach: a view's _base
-        # would add shape guards. One tensor per launch where shapes are kept (``_flatten = False``) or the
-        # update is staged. Tensors of fewer than two elements (dynamo specializes sizes 0 and 1) and strided
-        # ones (no flat view without a copy) run the same code uncompiled.
-        width = fused.BUCKET_WIDTH if self._flatten and not self._staged else 1
-        launch, alone = [], []
-        for i, p in enumerate(ps):
-            tensors = [p, gs[i], *(by_name[n][i] for n in names)]
-            fits = p.numel() >= 2 and (not self._flatten or all(t.is_contiguous() for t in tensors))
-            (launch if fits else alone).append(i)
-        # a padding tensor of a quantized bucket has two blocks (its scales two values: a size of 1 would be
-        # specialized by dynamo, and compiled again)
-        quantized = any(by_name[n][0].dtype == torch.uint8 for n, _ in stored.quantized if n in by_name)
-        scales = {storage.absmax_name(n) for n, _ in stored.quantized}
-        pad_numel = [2 if name in scales or not quantized else storage.MIN_NUMEL for name in ("p", "g", *names)]
-        for start in range(0, len(launch), width):
-            chunk = launch[start : start + width]
-            args = []
-            for name, column in zip(("p", "g", *by_name), (ps, gs, *by_name.values())):
-                if name == STATISTICS:  # a short vector, flat in every kernel, padded with its own length
-                    views = [column[i].view(-1).detach() for i in chunk]
-                    args.append(views + _scratch(views[0], width - len(chunk), len(args), views[0].numel()))
-                    continue
-                views = [_kernel_view(column[i], self._flatten, centralized) for i in chunk]
-                args.append(views + _scratch(views[0], width - len(chunk), len(args), pad_numel[len(args)]))
-            rows = coefs[chunk]
-            if len(chunk) < width:
-                rows = torch.cat([rows, rows[:1].expand(width - len(chunk), -1)])
-            kernel(args[0], args[1], dict(zip(names, args[2:])), rows, amp_tensor)
-        if alone:  # with the coefficients as the eager paths take them (numbers, in number mode)
-            sub = _pick((ps, gs, *by_name.values()), alone)
-            rows = [_row(c, i) for i in alone]
-            run_here(sub[0], sub[1], dict(zip(names, sub[2:])), rows, amp_tensor, centralized)
-
 
 def _storage_options(group: dict[str, Any]) -> dict[str, Any]:
     """The storage options of a group: they stay this optimizer's when it loads a state_dict saved under
@@ -808,18 +739,9 @@ def _storage_options(group: dict[str, Any]) -> dict[str, Any]:
     return {k: group[k] for k in ("state_dtype", "weight_rounding", "rounding_seed")}
 
 
-def _pick(lists: tuple[list, ...], indices: list[int]) -> list[list]:
-    return [[xs[i] for i in indices] for xs in lists]
-
-
-def _rows(c: dict[str, Any], indices: list[int]) -> dict[str, Any]:
-    """The coefficients of the parameters at ``indices`` of the bucket (per-parameter entries picked)."""
-    return {k: v[indices] if isinstance(v, Tensor) and v.dim() == 1 else v for k, v in c.items()}
-
-
-def _row(c: dict[str, Any], i: int) -> dict[str, Any]:
-    """Parameter ``i``'s coefficients: tensor mode gives one entry per parameter of the bucket."""
-    return {k: v[i] if isinstance(v, Tensor) and v.dim() == 1 else v for k, v in c.items()}
+def _label(names: list[str], index: int) -> str:
+    """A parameter in an error message: its name where the optimizer has names, else its place."""
+    return repr(names[index]) if index < len(names) else f"param {index} of its group"
 
 
 def _amp_scaling(grad_scale: Tensor | None, found_inf: Tensor | None) -> tuple[Tensor, Tensor] | None:
@@ -847,41 +769,6 @@ def _step_vector(states: list[dict[str, Tensor]], ps: list[Tensor], fresh: set[i
     if counted:
         return torch.stack([s["step"] for s in states]).to(device, torch.float64)
     return torch.tensor([1.0 if id(p) in fresh else 2.0 for p in ps], dtype=torch.float64, device=device)
-
-
-def _coefficient_rows(
-    c: dict[str, Any], names: tuple[str, ...], n: int, device: torch.device, dtype: torch.dtype
-) -> Tensor:
-    """The coefficients as an ``(n, len(names))`` tensor: numbers (number mode) repeated on every row, tensors
-    (tensor mode: one entry per parameter, or one for all) broadcast to their rows."""
-    if not any(isinstance(c[k], Tensor) for k in names):
-        return torch.tensor([c[k] for k in names], dtype=dtype, device=device).repeat(n, 1)
-    columns = [torch.as_tensor(c[k], dtype=torch.float64).to(device).expand(n) for k in names]
-    return torch.stack(columns, dim=1).to(dtype)
-
-
-def _kernel_view(t: Tensor, flatten: bool, centralized: bool) -> Tensor:
-    """What the compiled kernel sees of ``t``: flat, by rows (centralized), or in its shape; detached, because a
-    view's ``_base`` would add shape guards."""
-    if not flatten:
-        return t.detach()
-    return (t.view(-1) if not centralized else t.view(t.shape[0], -1)).detach()
-
-
-_SCRATCH: dict[tuple[Any, ...], list[Tensor]] = {}
-
-
-def _scratch(like: Tensor, count: int, column: int, numel: int = 2) -> list[Tensor]:
-    """``count`` tensors of ``numel`` elements that pad a launch to the kernel's width: distinct per column and
-    slot (the kernel must not see one tensor twice), written by the kernel and never read by anything else."""
-    if count <= 0:
-        return []
-    shape = (numel,) if like.dim() == 1 else (2, numel // 2)
-    key = (like.device, like.dtype, shape, column)
-    pads = _SCRATCH.setdefault(key, [])
-    while len(pads) < count:
-        pads.append(torch.ones(shape, dtype=like.dtype, device=like.device))
-    return pads[:count]
 
 
 def _round_trip_chunks(

@@ -145,3 +145,18 @@ def apply_update(
             new_codes, new_scale = storage_.quantize(value, quantized[name])
             code.copy_(new_codes)
             scale.copy_(new_scale.view(scale.shape))
+
+
+def pick(lists: tuple[list, ...], indices: list[int]) -> list[list]:
+    """The entries at ``indices`` of each list."""
+    return [[xs[i] for i in indices] for xs in lists]
+
+
+def coefficient_rows(c: dict[str, Any], indices: list[int]) -> dict[str, Any]:
+    """The coefficients of the parameters at ``indices`` of the bucket (per-parameter entries picked)."""
+    return {k: v[indices] if isinstance(v, Tensor) and v.dim() == 1 else v for k, v in c.items()}
+
+
+def coefficient_row(c: dict[str, Any], i: int) -> dict[str, Any]:
+    """Parameter ``i``'s coefficients: tensor mode gives one entry per parameter of the bucket."""
+    return {k: v[i] if isinstance(v, Tensor) and v.dim() == 1 else v for k, v in c.items()}
