@@ -29,9 +29,10 @@ def track(opt: EngineOptimizer, enabled: bool) -> None:
     """Switch every group's ``statistics`` option, adding (or dropping) the vectors of parameters that already
     have state."""
     checks.flag("enabled", enabled)
+    for group in opt.param_groups:  # every group checked first: a refusal leaves the optimizer as it was
+        opt._validate_engine_options({**group, "statistics": enabled})
     for group in opt.param_groups:
         group["statistics"] = enabled
-        opt._validate_engine_options(group)
         spec = next((s for s in opt._stored_layout(group) if s.name == STATISTICS), None)
         for p in group["params"]:
             state = opt.state.get(p)
