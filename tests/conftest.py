@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
 import pytest
 import torch
 import torch._inductor.config
+import torch.distributed as dist
 
 import stochopt.engine.fused as _fused  # noqa: E402
 
@@ -105,3 +107,17 @@ def path(request, monkeypatch) -> dict:
 @pytest.fixture(params=HOST_PATHS, ids=HOST_PATHS)
 def host_path(request, monkeypatch) -> dict:
     return _select_path(request.param, monkeypatch)
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, init_file: str):
+    """One rank's gloo process group for a spawned test worker. The closing barrier matters: a rank that tears its
+    group down while another still works on it can abort with "terminate called without an active exception"
+    (gloo's threads, seen once in CI on a DDP test). After an error there is no barrier: the other ranks may never
+    reach it, and mp.spawn stops them."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

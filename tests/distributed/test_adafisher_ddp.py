@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import stochopt
+from tests.conftest import gloo_group
 from tests.distributed.conftest import START
 
 STEPS = 25
@@ -37,8 +38,7 @@ def factor_bytes(net: nn.Module) -> int:
 
 def _worker(rank: int, world: int, init_file: str, results: str) -> None:
     torch.set_num_threads(1)  # two ranks on two cores
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         gen = torch.Generator().manual_seed(1)
         batches = [(torch.randn(16, 2, 5, 5, generator=gen, dtype=torch.float64),
                     torch.randint(0, 3, (16,), generator=gen)) for _ in range(STEPS)]  # fmt: skip
@@ -63,8 +63,6 @@ def _worker(rank: int, world: int, init_file: str, results: str) -> None:
         out["reference"] = [p.detach().clone() for p in ref.parameters()]
         out["start"] = [p.detach().clone() for p in model().parameters()]
         torch.save(out, f"{results}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:

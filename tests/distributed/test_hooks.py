@@ -11,12 +11,12 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
 from stochopt.distributed import CommStats, PowerSGDState, TopKState, allreduce_bytes, compression_hook
 from stochopt.distributed.state import index_bits, pack_bits, pack_indices, unpack_bits, unpack_indices
+from tests.conftest import gloo_group
 from tests.distributed.conftest import START
 
 SHAPES = [(40, 30), (30,), (20, 40), (7,)]
@@ -57,8 +57,7 @@ def inputs(step: int, rank: int) -> list[torch.Tensor]:
 
 def _worker(rank: int, world: int, cases: list[str], init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)  # two or more ranks on two cores
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         out = {}
         for case in cases:
             name, options, cap = CASES[case]
@@ -79,8 +78,6 @@ def _worker(rank: int, world: int, cases: list[str], init_file: str, out_dir: st
             residuals = [state.residual(p).clone() for p in model.ps] if hasattr(state, "residual") else None
             out[case] = {"outputs": outputs, "residuals": residuals, "sent": sent, "dense": dense}
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 FOUR_RANK_CASES = ["dense", "none", "topk_1", "randomk_1", "topk_small_buckets", "randomk_small_buckets", "sign",

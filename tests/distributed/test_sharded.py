@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import stochopt
-from tests.conftest import PATHS, clone_params, make_params, set_grads
+from tests.conftest import PATHS, clone_params, gloo_group, make_params, set_grads
 from tests.distributed.conftest import START
 
 NAMES = [name for name in stochopt.list_optimizers() if name != "adafisher"]  # AdaFisher needs a model: below
@@ -246,13 +246,12 @@ def _worker(rank: int, world: int, init_file: str, results: str, cases: list[str
 
     global CHECKPOINT_DIR
     CHECKPOINT_DIR = checkpoints
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     import stochopt.engine.fused as fused
 
     fused.BUCKET_WIDTH = 1  # as tests/conftest.py: the kernels the single-process tests compiled
     stochopt.engine.EngineOptimizer.use_native_fused = False  # "fused" and "capturable" are stochopt's kernel
-    try:
+    with gloo_group(rank, world, init_file):
         mesh = init_device_mesh("cpu", (world,))
         out: dict = {}
         for case in cases:
@@ -260,8 +259,6 @@ def _worker(rank: int, world: int, init_file: str, results: str, cases: list[str
         if world == 4:
             _mesh2d_case(rank, out)
         torch.save(out, f"{results}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 def _mesh2d_case(rank: int, out: dict) -> None:

@@ -8,13 +8,12 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
 import stochopt
 from stochopt.distributed import load_checkpoint, save_checkpoint, zero_optimizer
-from tests.conftest import clone_params, make_params, set_grads
+from tests.conftest import clone_params, gloo_group, make_params, set_grads
 from tests.distributed.conftest import START
 
 # the registry's defaults, except where a larger step makes a wrong shard show
@@ -29,8 +28,7 @@ SHAPES = [(30, 20), (7, 5), (11,), (3, 4, 2), (1,)]  # small: ZeRO's partition, 
 
 def _worker(rank: int, world: int, init_file: str, results: str, checkpoint_dir: str) -> None:
     torch.set_num_threads(1)  # two or more ranks on two cores
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         out = {"diff": {}, "state_params": {}, "resume": {}}
         for name in stochopt.list_optimizers():
             hp = HYPERPARAMETERS.get(name, {})
@@ -51,8 +49,6 @@ def _worker(rank: int, world: int, init_file: str, results: str, checkpoint_dir:
             out["resume"][name] = _resume(name, os.path.join(checkpoint_dir, f"{name}.pt"))
         if rank == 0:
             torch.save(out, results)
-    finally:
-        dist.destroy_process_group()
 
 
 def _train(model: nn.ParameterList, opt, start: int, stop: int) -> None:

@@ -7,14 +7,13 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import stochopt
-from tests.conftest import clone_params, make_params, set_grads
+from tests.conftest import clone_params, gloo_group, make_params, set_grads
 
 # five matrices of one shape (ownership wraps around the two ranks unevenly), one of another, a conv, vectors
 SHAPES = [(12, 8)] * 5 + [(6, 10), (4, 3, 2, 2), (7,), (1,)]
@@ -36,8 +35,7 @@ OPTIMIZERS = {
 
 
 def _worker(rank: int, world: int, init_file: str, results: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         out = {}
         # distributed Muon: same gradients everywhere, each rank orthogonalizes its share, all-gather
         params = make_params(SHAPES)
@@ -83,8 +81,6 @@ def _worker(rank: int, world: int, init_file: str, results: str) -> None:
             start = model().parameters()
             out[f"{name}_moved"] = max((p - q).abs().max().item() for p, q in zip(net.parameters(), start))
         torch.save(out, f"{results}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_distributed_muon_and_ddp(tmp_path) -> None:

@@ -11,12 +11,11 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import stochopt
 from stochopt.engine import optimizer as engine
-from tests.conftest import PATHS, assert_same, clone_params, make_params, run, set_grads
+from tests.conftest import PATHS, assert_same, clone_params, gloo_group, make_params, run, set_grads
 
 prodigyopt = pytest.importorskip("prodigyopt")
 
@@ -196,8 +195,7 @@ def _sharded_worker(rank: int, world: int, init_file: str, results: str) -> None
     """Each process holds every other tensor, as FSDP or ZeRO shard the parameters: the estimate's sums are reduced
     over the processes, the updates stay local; the reference is one process holding all of them. Then one process
     holds them all and the other none (a ZeRO rank that owns no parameter), which joins the reduction."""
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         params, empty = make_params(SHAPES[1:]), make_params(SHAPES[1:])
         mine = [i for i in range(len(params)) if i % world == rank]
         opt = stochopt.Prodigy([params[i] for i in mine], weight_decay=0.1, fsdp_in_use=True)
@@ -215,8 +213,6 @@ def _sharded_worker(rank: int, world: int, init_file: str, results: str) -> None
             error = max(error, max(((p - q).abs().max() / q.abs().max()).item() for p, q in zip(empty, alone)))
         d = [o.param_groups[0]["d"] for o in (opt, lopsided, ref)]
         torch.save({"error": error, "d": d}, f"{results}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_fsdp_in_use_reduces_the_estimate_over_processes(tmp_path) -> None:

@@ -13,6 +13,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from stochopt.training import accumulate_gradients, batch_size, split_batch
+from tests.conftest import gloo_group
 
 
 def make_model(seed=0) -> nn.Module:
@@ -86,8 +87,7 @@ def test_bad_input_is_named(call, error, match):
 
 
 def _ddp_worker(rank: int, world: int, init_file: str, results: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         model = make_model()
         ddp = nn.parallel.DistributedDataParallel(model)
         calls = []
@@ -112,8 +112,6 @@ def _ddp_worker(rank: int, world: int, init_file: str, results: str) -> None:
             reference = make_model()
             expected = big_batch_grads(reference, x, y)
             torch.save({"hook_calls": steps, "grads": grads, "expected": expected}, results)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_all_reduces_once_per_accumulated_step(tmp_path):
