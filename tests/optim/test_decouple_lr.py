@@ -153,7 +153,7 @@ def test_muon_decay_is_wd_alone():
     for options in ({"weight_decay": 0.02, "decouple_lr": True}, {"weight_decay": 0.02 / 0.05}):
         params = make_params([(16, 8), (8,)])
         groups = [{"params": params[:1], "use_muon": True}, {"params": params[1:], "use_muon": False}]
-        opt = stochopt.Muon(groups, lr=0.05, **options)
+        opt = stochopt.Muon(groups, lr=0.05, adamw_lr=0.05, **options)
         for t in range(STEPS):
             set_grads(params, t)
             opt.step()

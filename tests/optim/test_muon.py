@@ -316,8 +316,8 @@ def test_named_parameters_or_the_model_keep_embeddings_and_heads_out_of_muon() -
     model = HFStyleLM()
     named = stochopt.Muon(model.named_parameters(), lr=0.02)
     owners = {name: g["use_muon"] for g in named.param_groups for name in g["param_names"]}
-    layers = {f"model.layers.{i}.{kind}": None for i in range(2) for kind in ("weight", "bias")}
-    assert owners == {**layers, "model.embed_tokens.weight": False, "lm_head.weight": False}
+    layers = {f"model.layers.{i}.{kind}": kind == "weight" and None for i in range(2) for kind in ("weight", "bias")}
+    assert owners == {**layers, "model.embed_tokens.weight": False, "lm_head.weight": False}  # biases: AdamW's
     from_module = stochopt.Muon(model, lr=0.02)
     muon = {id(p) for g in from_module.param_groups if g["use_muon"] for p in g["params"]}
     assert muon == {id(layer.weight) for layer in model.model.layers}
@@ -329,6 +329,40 @@ def test_named_parameters_or_the_model_keep_embeddings_and_heads_out_of_muon() -
     assert set(named.state[model.lm_head.weight]) == {"step", "exp_avg", "exp_avg_sq"}  # AdamW's
     assert set(named.state[model.model.layers[1].weight]) == {"step", "momentum_buffer"}  # Muon's
     assert not stochopt.optim.muon.adamw_by_name("encoder.layer.0.attention.output.dense.weight")
+
+
+def test_adamw_groups_take_adamw_lr_not_muons() -> None:
+    """create_optimizer("muon", model, lr=0.02) must not give the embedding and head lr 0.02: the groups that set no
+    lr take adamw_lr (default 3e-4, or the shared lr under match_rms_adamw), which schedulers then scale."""
+    model = HFStyleLM()
+    lrs = lambda opt: [(g["use_muon"], g["lr"], g["weight_decay"]) for g in opt.param_groups]  # noqa: E731
+    opt = stochopt.create_optimizer("muon", model, lr=0.02)
+    assert lrs(opt) == [(True, 0.02, 0.1), (False, 3e-4, 0.1)]
+    assert lrs(stochopt.Muon(model, lr=0.02, adamw_lr=1e-3, adamw_weight_decay=0.0)) == [
+        (True, 0.02, 0.1), (False, 1e-3, 0.0)]  # fmt: skip
+    assert lrs(stochopt.Muon(model.named_parameters(), lr=1e-3, adjust_lr_fn="match_rms_adamw")) == [
+        (None, 1e-3, 0.1), (False, 1e-3, 0.1)]  # fmt: skip
+    mine = stochopt.Muon([{"params": [model.lm_head.weight], "use_muon": False, "lr": 5e-3}], lr=0.02)
+    assert lrs(mine) == [(False, 5e-3, 0.1)]  # the user's own lr stays
+    mine.add_param_group({"params": [model.model.embed_tokens.weight], "use_muon": False})
+    assert lrs(mine)[1] == (False, 3e-4, 0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
+    assert [g["lr"] for g in opt.param_groups] == [0.01, 1.5e-4]
+    del scheduler
+    with pytest.raises(ValueError, match="adamw_lr"):
+        stochopt.Muon(model, adamw_lr=-1.0)
+    # and the lr is what AdamW runs with: the embedding follows torch.optim.AdamW at lr 3e-4 (1.5e-4 scheduled)
+    embedding = model.model.embed_tokens.weight
+    ref = embedding.detach().clone().requires_grad_()
+    torch_adamw = torch.optim.AdamW([ref], lr=1.5e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    ids = torch.randint(0, 20, (16,), generator=torch.Generator().manual_seed(0))
+    for _ in range(100):
+        opt.zero_grad()
+        model.model.embed_tokens(ids).square().sum().backward()
+        ref.grad = embedding.grad.clone()
+        opt.step()
+        torch_adamw.step()
+    torch.testing.assert_close(embedding, ref, rtol=1e-6, atol=1e-7)
 
 
 def test_bare_matrices_are_muons_with_a_warning() -> None:

@@ -89,6 +89,9 @@ def owned_by_muon(group: dict[str, Any], p: Tensor) -> bool:
 EMBEDDING_NAMES = ("wte", "wpe", "tok_embeddings", "word_embeddings", "position_embeddings", "token_type_embeddings")
 #: top-level modules that are output heads (HF ``lm_head``/``classifier``, timm ``head``, torchvision ``fc``,
 #: Meta's Llama ``output``): only at the top, where a hidden ``attention.output`` cannot be meant
+#: the lr of AdamW's groups where neither the user nor ``adamw_lr`` sets one (see :class:`Muon`)
+DEFAULT_ADAMW_LR = 3e-4
+
 HEAD_NAMES = ("lm_head", "head", "classifier", "fc", "output", "embed_out")
 
 
@@ -105,7 +108,8 @@ def _named(item: Any) -> bool:
 def route_params(params: Any) -> Any:
     """What Muon is given, with embeddings and heads sent to AdamW where it can tell them: a module becomes
     :func:`muon_param_groups`; named parameters (``model.named_parameters()``, as a list or in groups without
-    ``use_muon``) are split by name (:func:`adamw_by_name`) into a group of their own with ``use_muon=False``.
+    ``use_muon``) are split by name (:func:`adamw_by_name`) and dimension (vectors, as the module rule does) into
+    a group of their own with ``use_muon=False``.
     Unnamed matrices are Muon's by shape alone, with a warning: a shape cannot tell an embedding from a layer."""
     if isinstance(params, nn.Module):
         return muon_param_groups(params)
@@ -121,8 +125,9 @@ def route_params(params: Any) -> Any:
             routed.append(group)
             continue
         if all(_named(item) for item in members):
-            heads = [item for item in members if adamw_by_name(item[0])]
-            hidden = [item for item in members if not adamw_by_name(item[0])]
+            to_adamw = [adamw_by_name(name) or (isinstance(p, Tensor) and p.dim() < 2) for name, p in members]
+            heads = [item for item, adamw in zip(members, to_adamw) if adamw]
+            hidden = [item for item, adamw in zip(members, to_adamw) if not adamw]
             routed += [{**group, "params": hidden}] if hidden else []
             routed += [{**group, "params": heads, "use_muon": False}] if heads else []
             continue
@@ -158,10 +163,18 @@ class Muon(EngineOptimizer):
     (biases, norm gains) get AdamW (:class:`stochopt.AdamW`'s update, ``adamw_betas``, ``adamw_eps``, the
     group's ``lr`` and ``weight_decay``). Embeddings and the output head are matrices that Muon should not own
     either: a group with ``use_muon=False`` sends all its parameters to AdamW (``use_muon=True`` sends all to
-    Muon); :func:`muon_param_groups` builds those groups from a model, with AdamW's own lr. Given the model
-    itself, Muon builds them so; given named parameters (``model.named_parameters()``), it sends embeddings
-    and top-level heads to AdamW by name (:func:`adamw_by_name`); given bare tensors, it warns, since a shape
-    cannot tell an embedding from a hidden layer.
+    Muon); :func:`muon_param_groups` builds those groups from a model. Given the model itself, Muon builds them
+    so; given named parameters (``model.named_parameters()``), it sends embeddings, top-level heads
+    (:func:`adamw_by_name`) and vectors to such a group; given bare tensors, it warns, since a shape cannot
+    tell an embedding from a hidden layer.
+
+    **AdamW's lr.** A ``use_muon=False`` group that sets no ``lr`` of its own (those Muon builds, and those of
+    :func:`muon_param_groups` without ``adamw_lr``) takes ``adamw_lr``, and one without ``weight_decay`` takes
+    ``adamw_weight_decay``: Muon's lr of 0.02 would be ~60x too large for an embedding under AdamW. The default
+    ``adamw_lr=None`` is the group's Muon lr where ``adjust_lr_fn="match_rms_adamw"`` (that scaling exists so that
+    one lr serves both, Liu et al. 2025), else 3e-4 (the Adam groups' default of the authors' ``MuonWithAuxAdam``
+    and AdamW's lr in Jordan's recipe); ``adamw_weight_decay=None`` is ``weight_decay``. The lr lives in the
+    group's ``lr``, so lr schedulers scale it with the rest.
 
     ``distributed=True`` (with torch.distributed initialized): each rank orthogonalizes the matrices
     assigned to it round-robin (the i-th matrix of a group to rank i mod world size) and the updated matrices
@@ -197,6 +210,8 @@ class Muon(EngineOptimizer):
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-8,
         *,
+        adamw_lr: float | None = None,
+        adamw_weight_decay: float | None = None,
         decouple_lr: bool = False,
         use_muon: bool | None = None,
         ns_dtype: torch.dtype | None = None,
@@ -214,13 +229,25 @@ class Muon(EngineOptimizer):
             decouple_lr=decouple_lr,
             lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_coefficients=ns_coefficients,
             eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
-            use_muon=use_muon, ns_dtype=ns_dtype,
+            adamw_lr=adamw_lr, adamw_weight_decay=adamw_weight_decay, use_muon=use_muon, ns_dtype=ns_dtype,
             maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, nonfinite=nonfinite,
             state_dtype=state_dtype, weight_rounding=weight_rounding, rounding_seed=rounding_seed,
         )  # fmt: skip
         checks.flag("distributed", distributed)
         self.distributed = distributed
         super().__init__(route_params(params), defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if param_group.get("use_muon") is False:  # AdamW's group: its own lr and decay unless the user set them
+            merged = {**self.defaults, **param_group}
+            if "lr" not in param_group:
+                lr = merged["adamw_lr"]
+                if lr is None:
+                    lr = merged["lr"] if merged["adjust_lr_fn"] == "match_rms_adamw" else DEFAULT_ADAMW_LR
+                param_group["lr"] = lr.clone() if isinstance(lr, Tensor) else lr
+            if "weight_decay" not in param_group and merged["adamw_weight_decay"] is not None:
+                param_group["weight_decay"] = merged["adamw_weight_decay"]
+        super().add_param_group(param_group)
 
     @staticmethod
     def params_from_module(model: nn.Module) -> list[dict[str, Any]]:
@@ -247,6 +274,9 @@ class Muon(EngineOptimizer):
         checks.count("ns_steps", group["ns_steps"], 1)
         if group["adjust_lr_fn"] not in ADJUST_LR_FNS:
             raise ValueError(f"adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {group['adjust_lr_fn']!r}")
+        for key in ("adamw_lr", "adamw_weight_decay"):
+            if group[key] is not None:
+                checks.nonnegative(key, group[key])
         checks.betas(group["adamw_betas"])
         checks.eps("adamw_eps", group["adamw_eps"])
         if group["use_muon"] is not None:
