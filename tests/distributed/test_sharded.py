@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import stochopt
+from stochopt.engine import sharded
 from tests.conftest import PATHS, clone_params, gloo_group, make_params, set_grads
 from tests.distributed.conftest import START
 
@@ -55,13 +56,12 @@ def _state_bytes(opt: torch.optim.Optimizer) -> int:
     )
 
 
-def _one_by_one(rank: int, world: int, run) -> None:
-    """Run ``run`` (no collectives inside) on one rank after the other: the first compiles the fused kernels,
-    the others load them from inductor's cache instead of compiling the same kernels side by side."""
-    for turn in range(world):
-        if turn == rank:
-            run()
-        dist.barrier()
+def _on_rank_zero(rank: int, run):
+    """``run()`` (no collectives inside) on rank 0 alone, its result sent to every rank: the single-process
+    reference is computed once, not once per rank (on 2 cores, 4 ranks would compile and run it side by side)."""
+    result = [run() if rank == 0 else None]
+    dist.broadcast_object_list(result, src=0)
+    return result[0]
 
 
 def _path_cases(rank: int, world: int, mesh, out: dict) -> None:
@@ -73,24 +73,24 @@ def _path_cases(rank: int, world: int, mesh, out: dict) -> None:
             if path == "capturable" and not stochopt.optimizer_entry(name).cls._capturable:
                 continue
             full = make_params(SHAPES)
-            ref = clone_params(full)
-            ref_opt = _make(name, ref, **flags)
-            grads: list[list[torch.Tensor]] = []
 
-            def reference(ref=ref, ref_opt=ref_opt, grads=grads) -> None:
+            def reference(name=name, flags=flags, full=full) -> tuple[list, list]:
+                ref = clone_params(full)
+                ref_opt, grads = _make(name, ref, **flags), []
                 for t in range(STEPS):
                     set_grads(ref, t)
                     grads.append([q.grad for q in ref])
                     ref_opt.step()
+                return grads, [q.detach() for q in ref]
 
-            _one_by_one(rank, world, reference)
+            grads, ref = _on_rank_zero(rank, reference)
             shards = [distribute_tensor(p.detach(), mesh, [Shard(0)]).requires_grad_() for p in full]
             opt = _make(name, shards, **flags)
             for step_grads in grads:  # the reference's gradients, distributed
                 for p, g in zip(shards, step_grads):
                     p.grad = distribute_tensor(g, mesh, [Shard(0)])
                 opt.step()
-            out[(name, path)] = max((p.full_tensor() - q.detach()).abs().max().item() for p, q in zip(shards, ref))
+            out[(name, path)] = max((p.full_tensor() - q).abs().max().item() for p, q in zip(shards, ref))
 
 
 def _model() -> nn.Module:
@@ -123,6 +123,10 @@ def _model_cases(rank: int, world: int, mesh, out: dict) -> None:
         )
         out[("moved", name)] = max((p - q).abs().max().item() for p, q in zip(ref.parameters(), _model().parameters()))
         out[("bytes", name)] = (_state_bytes(opt), _state_bytes(ref_opt))
+        out[("state_sharded", name)] = all(
+            sharded.is_sharded(t) for state in opt.state.values() for t in state.values() if t.dim() > 0
+        )
+        out[("sent", name)] = opt.sharded_bytes[0]
 
 
 def _policy_cases(rank: int, world: int, mesh, out: dict) -> None:
@@ -306,17 +310,19 @@ def two(tmp_path_factory, checkpoints) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def four(tmp_path_factory, checkpoints, two) -> list[dict]:
-    return _spawn(tmp_path_factory, 4, ["model", "load"], checkpoints)
+    return _spawn(tmp_path_factory, 4, ["path", "model", "load"], checkpoints)
 
 
+@pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("path", SHARDED_PATHS)
 @pytest.mark.parametrize("name", NAMES)
-def test_every_optimizer_on_sharded_params_equals_one_process(two, name: str, path: str) -> None:
+def test_every_optimizer_on_sharded_params_equals_one_process(two, four, world: int, name: str, path: str) -> None:
+    results = two if world == 2 else four
     if path == "capturable" and not stochopt.optimizer_entry(name).cls._capturable:
-        assert (name, path) not in two[0]  # refused by name: tests/test_contract.py test_execution_paths_agree
+        assert (name, path) not in results[0]  # refused by name: tests/test_contract.py test_execution_paths_agree
         return
-    assert two[0][(name, path)] <= 1e-12
-    assert two[1][(name, path)] <= 1e-12
+    for out in results:
+        assert out[(name, path)] <= 1e-12
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -334,6 +340,22 @@ def test_fully_sharded_model_trains_as_one_process(two, four, world: int, name: 
     single = results[0][("bytes", name)][1]
     assert sum(per_rank) == single
     assert max(per_rank) < single
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_muon_keeps_its_momentum_with_the_shard(two, four, world: int) -> None:
+    """Muon's momentum is elementwise: it stays sharded like the parameter (as AdamW's moments do; Shampoo's
+    factors are whole), and only the momentum direction travels to each matrix's owner and its orthogonalized
+    update back: two transfers of the matrix per step (the stand-in path, which Shampoo takes, makes three)."""
+    results = two if world == 2 else four
+    for out in results:
+        assert out[("state_sharded", "muon")] and out[("state_sharded", "adamw")]
+        assert not out[("state_sharded", "shampoo")]
+    # the Muon matrices of _model (the last Linear is the head, AdamW's): 16 x 6 and 16 x 16 float64, each
+    # transfer padded to the largest shard (16 / world rows); the owner sends (w - 1) pieces, the others one
+    padded = [(16 // world) * cols * 8 for cols in (6, 16)]
+    sent = sum(out[("sent", "muon")] for out in results)
+    assert sent == 8 * sum(2 * (world - 1) * size for size in padded)
 
 
 @pytest.mark.parametrize("name", ["adamw", "lamb"])

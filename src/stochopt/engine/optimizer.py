@@ -31,7 +31,6 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -50,7 +49,16 @@ from stochopt.engine.layout import (
     with_statistics,
 )
 from stochopt.engine.tensorlist import TensorList
-from stochopt.engine.update import PLAIN, Storage, apply_update, centralize, coefficient_row, coefficient_rows, pick
+from stochopt.engine.update import (
+    PLAIN,
+    MatrixUpdate,
+    Storage,
+    apply_update,
+    centralize,
+    coefficient_row,
+    coefficient_rows,
+    pick,
+)
 
 NONFINITE_POLICIES = (None, "skip", "raise")
 
@@ -289,31 +297,33 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
 
     def _gather_whole_tensors(self) -> None:
         """Sharded parameters of whole-tensor updates: the owner gets a full-size stand-in with the full gradient,
-        whose state is the parameter's (engine/sharded.py); ``_collect`` hands it out instead of the parameter,
-        and other ranks skip the parameter. ``self.sharded_bytes``: [sent, received] by this rank so far for
-        these gathers and the scatters back."""
+        whose state is the parameter's (engine/sharded.py ``ShardBooks``); ``_collect`` hands it out instead of
+        the parameter, and other ranks skip the parameter."""
+        name = type(self).__name__
         whole = [
-            (group, index, p)
+            (name, index, p)
             for group in self.param_groups
             for index, p in enumerate(group["params"])
             if p.grad is not None and sharded.is_sharded(p) and self._whole_tensor(group, p)
         ]
-        if not whole:  # nothing to gather: no attribute is touched (a step traced by torch.compile stays clean)
-            return
-        self._stand_ins: dict[int, Tensor | None] = {}
-        self._stand_in_for: dict[int, Tensor] = {}
-        owners = self.__dict__.setdefault("_shard_owners", {})
-        loads = self.__dict__.setdefault("_shard_loads", [0] * whole[0][2].device_mesh.size())
-        moved = self.__dict__.setdefault("sharded_bytes", [0, 0])
-        for _, index, p in whole:
-            sharded.check_gatherable(type(self).__name__, index, p)
-            owner = sharded.assign_owner(owners, loads, p)
-            full, full_grad = sharded.gather(p.detach(), owner, moved), sharded.gather(p.grad, owner, moved)
-            if full is not None:
-                full.grad = full_grad
-                self.state[full] = self.state[p]
-                self._stand_in_for[id(full)] = p
-            self._stand_ins[id(p)] = full
+        if whole:  # nothing to gather: no attribute is touched (a step traced by torch.compile stays clean)
+            self._shards.gather_stand_ins(self.state, whole)
+
+    @property
+    def _shards(self) -> sharded.ShardBooks:
+        return self.__dict__.setdefault("_shard_books", sharded.ShardBooks())
+
+    @property
+    def sharded_bytes(self) -> list[int]:
+        """[sent, received] by this rank so far for the sharded parameters' whole-tensor work: the gathers to
+        each owner and the scatters back (engine/sharded.py)."""
+        books = self.__dict__.get("_shard_books")
+        return books.moved if books is not None else [0, 0]
+
+    def _stand_ins(self) -> dict[int, Tensor | None]:
+        """This step's stand-ins by id of the parameter (None: stepped on another rank); empty between steps."""
+        books = self.__dict__.get("_shard_books")
+        return books.stand_ins if books is not None else {}
 
     def _owned_elsewhere(self, group: dict[str, Any], p: Tensor) -> bool:
         """``p`` is sharded and stepped whole by another rank (or not yet assigned: a fresh optimizer loading a
@@ -323,38 +333,23 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
     def _parameter_of(self, p: Tensor) -> Tensor:
         """The parameter a tensor handed to ``_step_group`` stands for (a sharded parameter's full-size stand-in
         on its owner, see ``_gather_whole_tensors``), or ``p`` itself."""
-        return getattr(self, "_stand_in_for", {}).get(id(p), p)
+        books = self.__dict__.get("_shard_books")
+        return books.stand_in_for.get(id(p), p) if books is not None else p
 
     def _scatter_whole_tensors(self) -> None:
-        """The owners' new values back to every rank's shard; and the owners' step counters to the other ranks,
-        whose state of the parameter is that counter alone: every rank then saves the same ``step`` for it, and
-        torch.distributed.checkpoint finds state for every parameter on every rank (it refuses a parameter with
-        none), so that a checkpoint loads on any world size, whoever owns the parameter there."""
-        if getattr(self, "_stand_ins", None) is None:
+        """The owners' new values back to every rank's shard, and their step counters to the other ranks
+        (``ShardBooks.scatter``)."""
+        stand_ins = self._stand_ins()
+        if not stand_ins:
             return
-        entries = [(g, p) for g in self.param_groups for p in g["params"] if id(p) in self._stand_ins]
-        for _, p in entries:
-            sharded.scatter(self._stand_ins[id(p)], p, self._shard_owners[id(p)], self.sharded_bytes)
+        entries = [(g, p) for g in self.param_groups for p in g["params"] if id(p) in stand_ins]
         counted = [p for group, p in entries if STEP in self._layout(group)]
-        if counted:
-            steps = [self.state[p].get("step") for p in counted]
-            owned = [self._stand_ins[id(p)] is not None and step is not None for p, step in zip(counted, steps)]
-            values = torch.tensor([float(s) if mine else 0.0 for s, mine in zip(steps, owned)], dtype=torch.float64)
-            mesh = counted[0].device_mesh
-            values = values.to(mesh.device_type)
-            dist.all_reduce(values, group=mesh.get_group())
-            for p, mine, value in zip(counted, owned, values.tolist()):
-                if not mine:
-                    self.state[p]["step"] = torch.tensor(value, dtype=spec_dtype(STEP, p, None))
+        self._shards.scatter(self.state, [p for _, p in entries], counted, lambda p: spec_dtype(STEP, p, None))
 
     def _release_stand_ins(self) -> None:
-        stand_ins = getattr(self, "_stand_ins", None)
-        if stand_ins is None:
-            return
-        del self._stand_ins, self._stand_in_for
-        for stand_in in stand_ins.values():
-            if stand_in is not None:
-                del self.state[stand_in]
+        books = self.__dict__.get("_shard_books")
+        if books is not None:
+            books.release(self.state)
 
     def _apply_update(
         self,
@@ -370,21 +365,45 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
         ``maximize``, gradient centralization of matrices, and the precision rule (the math in
         ``compute_dtype_for(p, state_dtype)``; ``p`` and the state tensors of another dtype read into it and
         written back, see engine/update.py ``apply_update``). ``state`` holds the layout's tensors but the
-        scalar ones (``step``)."""
+        scalar ones (``step``). A sharded ``p`` is stepped on its local shard (``_apply_matrix_update``)."""
         compute_dtype = compute_dtype_for(p, group["state_dtype"])
-        if group["centralize_gradients"] and p.dim() > 1:
+        param, state = self._parameter_of(p), self.state[p]
+        if sharded.is_sharded(p):
+            p, g, state = sharded.local(p), sharded.local(g), sharded.local_state(state)
+        if group["centralize_gradients"] and p.dim() > 1:  # a sharded p's rows are whole here (_whole_tensor)
             g = centralize(g.to(compute_dtype))
-        state = self.state[p]
         layout = self._stored_layout(group)
         tensors = {s.name: state[s.name] for s in applicable(layout, p) if s.shape != "scalar"}
         storage_ = self._storage(group, layout, p)
         if storage_.weights == "stochastic":
-            index = next(i for i, q in enumerate(group["params"]) if q is self._parameter_of(p))
+            index = next(i for i, q in enumerate(group["params"]) if q is param)
             step = float(state["step"]) if "step" in state else 1.0
             c = {**c, "rounding_salt": storage.rounding_salt(group["rounding_seed"], index, step)}
         if group["statistics"]:
             statistics.record_coefficients(self, p, c)
         apply_update(update, p, g, tensors, c, flags or {}, group["maximize"], compute_dtype, storage_)
+
+    def _apply_matrix_update(
+        self, group: dict[str, Any], update: MatrixUpdate, p: Tensor, g: Tensor, c: dict[str, Any]
+    ) -> None:
+        """``_apply_update`` of an update split around a whole-matrix function (engine/update.py
+        ``MatrixUpdate``). A sharded ``p`` keeps its state sharded: ``before`` runs on each rank's shard, its
+        result is gathered to the matrix's owner (``ShardBooks.owner``: balanced by size, fixed), ``matrix`` runs
+        there, its result is scattered back and ``after`` applies each rank's part: two transfers of the matrix
+        (``2 n (w - 1) / w`` elements on the owner) against the stand-in path's three (parameter and gradient in,
+        parameter out), and the elementwise state per rank falls with the world size."""
+        if not sharded.is_sharded(p):
+            self._apply_update(group, update, p, g, c)
+            return
+        index = next(i for i, q in enumerate(group["params"]) if q is p)
+        owner = self._shards.owner(type(self).__name__, index, p)
+        moved = self._shards.moved
+
+        def on_shards(p_: Tensor, g_: Tensor, state: dict[str, Tensor], c_: dict[str, Any]) -> None:
+            x = update.before(p_, g_, state, c_)
+            update.after(p_, sharded.on_owner(lambda full: update.matrix(full, c_), x, p, owner, moved), state, c_)
+
+        self._apply_update(group, on_shards, p, g, c)
 
     def _stored_layout(self, group: dict[str, Any]) -> tuple[StateSpec, ...]:
         """The tensors kept per parameter: the layout under the group's storage options (8-bit moments,
@@ -501,7 +520,7 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
     def _collect(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
         """The group's params that have gradients, and the gradients, checked."""
         params, grads = [], []
-        stand_ins = getattr(self, "_stand_ins", {})
+        stand_ins = self._stand_ins()
         names = group.get("param_names") or []
         for index, p in enumerate(group["params"]):
             if id(p) in stand_ins:  # sharded, stepped whole on its owner (None: on another rank)
@@ -552,7 +571,7 @@ class EngineOptimizer(Optimizer, metaclass=ABCMeta):
     def _names(self, group: dict[str, Any]) -> dict[int, str]:
         """The names of the group's parameters by ``id`` (those of their whole-matrix stand-ins included), where
         the optimizer was given named parameters; else empty."""
-        stand_ins = getattr(self, "_stand_ins", {})
+        stand_ins = self._stand_ins()
         names = {}
         for p, name in zip(group["params"], group.get("param_names") or []):
             names[id(p)] = name

@@ -20,6 +20,7 @@ Bytes moved per whole-tensor parameter of ``n`` elements and step: the owner rec
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -85,12 +86,13 @@ def _chunk_rows(rows: int, world: int) -> list[int]:
     return sizes + [0] * (world - len(sizes))
 
 
-def gather(t: Tensor, owner: int, moved: list[int]) -> Tensor | None:
+def gather(t: Tensor, owner: int, moved: list[int], shard: Tensor | None = None) -> Tensor | None:
     """The full tensor of the ``DTensor`` ``t`` on rank ``owner`` (None elsewhere): one gather of equal-sized,
-    padded shards. Adds this rank's bytes sent and received to ``moved``."""
+    padded shards. ``shard``: gather this rank's tensor laid out as ``t``'s local one instead of ``t``'s own.
+    Adds this rank's bytes sent and received to ``moved``."""
     group = t.device_mesh.get_group()
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    shard = t._local_tensor
+    shard = t._local_tensor if shard is None else shard
     if t.placements[0].is_replicate():
         return shard.clone() if rank == owner else None
     sizes = _chunk_rows(t.shape[0], world)
@@ -105,12 +107,12 @@ def gather(t: Tensor, owner: int, moved: list[int]) -> Tensor | None:
     return torch.cat([part[:size] for part, size in zip(received, sizes)])
 
 
-def scatter(full: Tensor | None, t: Tensor, owner: int, moved: list[int]) -> None:
-    """Write the owner's ``full`` into every rank's shard of ``t`` (the inverse of ``gather``); adds this rank's
-    bytes sent and received to ``moved``."""
+def scatter(full: Tensor | None, t: Tensor, owner: int, moved: list[int], shard: Tensor | None = None) -> None:
+    """Write the owner's ``full`` into every rank's shard of ``t`` (the inverse of ``gather``), or into ``shard``,
+    a tensor laid out as ``t``'s local one; adds this rank's bytes sent and received to ``moved``."""
     group = t.device_mesh.get_group()
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    shard = t._local_tensor
+    shard = t._local_tensor if shard is None else shard
     src = dist.get_global_rank(group, owner)
     if t.placements[0].is_replicate():
         buffer = full if rank == owner else torch.empty_like(shard)
@@ -133,6 +135,17 @@ def scatter(full: Tensor | None, t: Tensor, owner: int, moved: list[int]) -> Non
     _count(moved, out.nbytes, world, rank == owner, to_owner=False)
 
 
+def on_owner(fn: Callable[[Tensor], Tensor], shard: Tensor, t: Tensor, owner: int, moved: list[int]) -> Tensor:
+    """``fn`` of the whole tensor whose local part on this rank is ``shard`` (laid out as the ``DTensor`` ``t``'s),
+    computed on rank ``owner``: the shards are gathered there and the result scattered back in ``shard``'s dtype
+    (exact where ``fn`` returns a narrower one, as Newton-Schulz in bfloat16 does). Returns this rank's part."""
+    full = gather(t, owner, moved, shard)
+    result = fn(full).to(shard.dtype) if full is not None else None
+    out = torch.empty_like(shard)
+    scatter(result, t, owner, moved, out)
+    return out
+
+
 def _count(moved: list[int], nbytes: int, world: int, is_owner: bool, to_owner: bool) -> None:
     """``moved`` = [sent, received] of this rank: the owner takes (or gives) a piece from (to) every other rank."""
     if is_owner:
@@ -150,3 +163,65 @@ def any_found(found: bool, params: list[Tensor]) -> bool:
     flag = torch.tensor([float(found)], device=mesh.device_type)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
+
+
+class ShardBooks:
+    """An optimizer's books for its sharded parameters: the owner of each parameter stepped whole (or of each
+    matrix function's input) and the elements owned per rank (``owner``), the bytes this rank has sent and
+    received (``moved``), and during a step the owners' full-size stand-ins (``gather_stand_ins``, ``scatter``,
+    ``release``). Created on the first sharded step: a step with nothing sharded touches nothing."""
+
+    def __init__(self) -> None:
+        self.owners: dict[int, int] = {}
+        self.loads: list[int] | None = None
+        self.moved = [0, 0]
+        #: during a step: id(parameter) -> its full-size stand-in on the owner (None on the other ranks)
+        self.stand_ins: dict[int, Tensor | None] = {}
+        #: during a step: id(stand-in) -> the parameter it stands for
+        self.stand_in_for: dict[int, Tensor] = {}
+
+    def owner(self, optimizer: str, index: int, p: Tensor) -> int:
+        """The rank that does ``p``'s whole-tensor work (``assign_owner``), after ``check_gatherable``."""
+        check_gatherable(optimizer, index, p)
+        if self.loads is None:
+            self.loads = [0] * p.device_mesh.size()
+        return assign_owner(self.owners, self.loads, p)
+
+    def gather_stand_ins(self, state: dict, entries: list[tuple[str, int, Tensor]]) -> None:
+        """For each (optimizer name, index in group, sharded parameter): the owner gets a plain full-size stand-in
+        holding the full gradient, whose state is the parameter's; the other ranks skip the parameter."""
+        for optimizer, index, p in entries:
+            owner = self.owner(optimizer, index, p)
+            full, full_grad = gather(p.detach(), owner, self.moved), gather(p.grad, owner, self.moved)
+            if full is not None:
+                full.grad = full_grad
+                state[full] = state[p]
+                self.stand_in_for[id(full)] = p
+            self.stand_ins[id(p)] = full
+
+    def scatter(self, state: dict, params: list[Tensor], counted: list[Tensor], step_dtype: Callable) -> None:
+        """The owners' new values back into every rank's shard of ``params``; and for ``counted`` (those with a
+        step counter) the owner's counter to the other ranks, whose state of the parameter is that counter alone:
+        every rank then saves the same ``step`` for it, and torch.distributed.checkpoint finds state for every
+        parameter on every rank (it refuses a parameter with none), so that a checkpoint loads on any world size,
+        whoever owns the parameter there. ``step_dtype(p)``: the counter's dtype."""
+        for p in params:
+            scatter(self.stand_ins[id(p)], p, self.owners[id(p)], self.moved)
+        if not counted:
+            return
+        steps = [state[p].get("step") for p in counted]
+        owned = [self.stand_ins[id(p)] is not None and step is not None for p, step in zip(counted, steps)]
+        values = torch.tensor([float(s) if mine else 0.0 for s, mine in zip(steps, owned)], dtype=torch.float64)
+        mesh = counted[0].device_mesh
+        values = values.to(mesh.device_type)
+        dist.all_reduce(values, group=mesh.get_group())
+        for p, mine, value in zip(counted, owned, values.tolist()):
+            if not mine:
+                state[p]["step"] = torch.tensor(value, dtype=step_dtype(p))
+
+    def release(self, state: dict) -> None:
+        """The step is over: the stand-ins and their state entries go (the state itself stays the parameter's)."""
+        for stand_in in self.stand_ins.values():
+            if stand_in is not None:
+                del state[stand_in]
+        self.stand_ins, self.stand_in_for = {}, {}

@@ -25,7 +25,7 @@ def centralize(g: Tensor) -> Tensor:
     update's loop. As a reduction, inductor (torch 2.13, CPU) fuses the mean into the update's row loop and
     fails compiling it (``InductorError: KeyError`` in its outer-loop fusion).
     """
-    rows = g.reshape(g.shape[0], -1)
+    rows = g.flatten(1)  # not reshape(n, -1): a rank's shard of a sharded matrix may hold no rows
     mean = torch.mm(rows, rows.new_ones(rows.shape[1], 1)).div_(rows.shape[1])
     return g - mean.view(-1, *(1,) * (g.dim() - 1))
 
@@ -74,6 +74,23 @@ def _statistics_row(sink: Tensor, new: Tensor, old: Tensor, *rest: Tensor, squar
         row = torch.cat([row, row.new_full((sink.numel() - row.numel(),), float("nan"))])
     sink.view(-1).copy_(row)
     return sink
+
+
+@dataclass(frozen=True)
+class MatrixUpdate:
+    """An update elementwise but for one function of the whole matrix in its middle (Muon: the momentum, then
+    Newton-Schulz of the whole matrix, then the decayed step): ``before(p, g, state, c)`` returns the matrix
+    function's input, ``matrix(x, c)`` maps the whole tensor, ``after(p, u, state, c)`` applies the result. Called
+    as an update it is all three on one tensor; split, the engine runs ``before`` and ``after`` on a sharded
+    parameter's shards (its state stays sharded) and ``matrix`` on one owning rank
+    (``EngineOptimizer._apply_matrix_update``)."""
+
+    before: Callable[..., Tensor]
+    matrix: Callable[[Tensor, dict[str, Any]], Tensor]
+    after: Callable[..., None]
+
+    def __call__(self, p: Tensor, g: Tensor, state: dict[str, Tensor], c: dict[str, Any]) -> None:
+        self.after(p, self.matrix(self.before(p, g, state, c), c), state, c)
 
 
 def apply_update(

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from stochopt.engine import STEP, EngineOptimizer, StateSpec, checks, scalar, sharded
+from stochopt.engine import STEP, EngineOptimizer, MatrixUpdate, StateSpec, checks, scalar, sharded
 from stochopt.optim.adam import Adam
 from stochopt.optim.common import adam_coefficients, decay_factor, decoupled_decay_
 
@@ -193,9 +193,6 @@ class Muon(EngineOptimizer):
 
     _capturable = False  # its step loop decides on the host (matrix work per tensor)
 
-    def _whole_tensor(self, group: dict[str, Any], p: Tensor) -> bool:
-        return owned_by_muon(group, p) or super()._whole_tensor(group, p)  # Newton-Schulz of the whole matrix
-
     def __init__(
         self,
         params: Any,
@@ -336,21 +333,13 @@ class Muon(EngineOptimizer):
             "decay_factor": decay_factor(group, lr),
             "neg_lr": -adjusted_lr(lr, group["adjust_lr_fn"], p.shape),
         }
-        # maximize, centralization (matrices) and the compute dtype as in every engine path
-        self._apply_update(group, self._muon_math, p, g, c)
+        # maximize, centralization (matrices) and the compute dtype as in every engine path; sharded (FSDP2), the
+        # momentum stays on the shards and only the momentum direction travels to the matrix's owner
+        self._apply_matrix_update(group, MUON_UPDATE, p, g, c)
 
     @staticmethod
     def _momentum_math(p: Tensor, g: Tensor, state: dict[str, Tensor], c: dict[str, Any]) -> None:
         state["momentum_buffer"].lerp_(g, 1.0 - c["momentum"])
-
-    @staticmethod
-    def _muon_math(p: Tensor, g: Tensor, state: dict[str, Tensor], c: dict[str, Any]) -> None:
-        Muon._momentum_math(p, g, state, c)
-        buf = state["momentum_buffer"]
-        update = g.lerp(buf, c["momentum"]) if c["nesterov"] else buf
-        ortho = newton_schulz(update.reshape(len(p), -1), *c["ns"])
-        decoupled_decay_(p, c["decay_factor"])
-        p.add_(ortho.reshape(p.shape), alpha=c["neg_lr"])
 
     @staticmethod
     def _all_gather(ps: list[Tensor], world: int, rank: int) -> None:
@@ -371,6 +360,28 @@ class Muon(EngineOptimizer):
                 for t, out in zip(slots, outputs):
                     if t is not None and out is not t:
                         t.copy_(out)
+
+
+def _direction(p: Tensor, g: Tensor, state: dict[str, Tensor], c: dict[str, Any]) -> Tensor:
+    """Muon's elementwise first half: the momentum, and the (Nesterov) direction it gives."""
+    Muon._momentum_math(p, g, state, c)
+    buf = state["momentum_buffer"]
+    return g.lerp(buf, c["momentum"]) if c["nesterov"] else buf
+
+
+def _orthogonalized(update: Tensor, c: dict[str, Any]) -> Tensor:
+    """The whole-matrix middle: Newton-Schulz of the direction, as a matrix of its first dimension's rows."""
+    return newton_schulz(update.reshape(len(update), -1), *c["ns"]).reshape(update.shape)
+
+
+def _decayed_step(p: Tensor, ortho: Tensor, state: dict[str, Tensor], c: dict[str, Any]) -> None:
+    """The elementwise second half: decoupled decay and the step by the shape-scaled lr."""
+    decoupled_decay_(p, c["decay_factor"])
+    p.add_(ortho, alpha=c["neg_lr"])
+
+
+#: Muon's update of one matrix, split where it needs the whole matrix (engine/update.py ``MatrixUpdate``)
+MUON_UPDATE = MatrixUpdate(_direction, _orthogonalized, _decayed_step)
 
 
 def muon_param_groups(
