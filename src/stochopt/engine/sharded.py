@@ -1,6 +1,6 @@
 """Sharded parameters (FSDP2: ``DTensor`` shards over a ``DeviceMesh``), as the engine steps them.
 
-Two ways, chosen per param group by the optimizer (``EngineOptimizer._whole_tensor``):
+Three ways, chosen per parameter by the optimizer (``EngineOptimizer._whole_tensor``, ``MatrixUpdate``):
 
 - **Elementwise** updates run on each rank's local shard, in every path (the compiled kernel included): the
   parameter, its gradient and its state (``DTensor``s of the parameter's placements, so that memory per rank
@@ -12,6 +12,10 @@ Two ways, chosen per param group by the optimizer (``EngineOptimizer._whole_tens
   scatters the new values back as shards (``scatter``). Owners are assigned once per parameter, in group order,
   to the rank with the fewest elements owned so far: deterministic (every rank computes the same), balanced by
   size, and stable (state never moves between ranks while the optimizer lives).
+
+- **Split** updates (``MatrixUpdate``: Muon's momentum, Newton-Schulz, decayed step) run their elementwise parts
+  on the shards, their state sharded; only the matrix function's input goes to the owner (``on_owner``) and
+  its result comes back: ``n (w - 1) / w`` elements each way on the owner.
 
 Bytes moved per whole-tensor parameter of ``n`` elements and step: the owner receives ``2 n (w - 1) / w``
 (parameter and gradient) and sends ``n (w - 1) / w`` (the new parameter), against nothing for an elementwise one.

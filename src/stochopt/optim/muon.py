@@ -180,8 +180,9 @@ class Muon(EngineOptimizer):
     assigned to it round-robin (the i-th matrix of a group to rank i mod world size) and the updated matrices
     are all-gathered; every rank must hold the same gradients (DDP, or a gradient all-reduce before ``step``).
     Every rank keeps every matrix's momentum (an EMA is cheap beside Newton-Schulz), so rank 0's checkpoint
-    is whole and resumes on any world size. FSDP2 (DTensor) parameters need no flag: the engine gathers each
-    matrix to one owning rank (docs/sharded.md), and ``distributed=True`` is refused for them.
+    is whole and resumes on any world size. FSDP2 (DTensor) parameters need no flag: the momentum stays on the
+    shards and the engine gathers each matrix's Nesterov direction to one owning rank for Newton-Schulz
+    (``MUON_UPDATE``, docs/sharded.md); ``distributed=True`` is refused for them.
     ``foreach``/``fused`` choose the execution path of the AdamW part; the matrix work is the same in every
     path. ``ns_dtype``: the Newton-Schulz precision (None: :func:`default_ns_dtype`, bfloat16 where the
     device multiplies it natively, float32 elsewhere).
