@@ -316,7 +316,9 @@ def test_named_parameters_or_the_model_keep_embeddings_and_heads_out_of_muon() -
     model = HFStyleLM()
     named = stochopt.Muon(model.named_parameters(), lr=0.02)
     owners = {name: g["use_muon"] for g in named.param_groups for name in g["param_names"]}
-    layers = {f"model.layers.{i}.{kind}": kind == "weight" and None for i in range(2) for kind in ("weight", "bias")}
+    layers = {
+        f"model.layers.{i}.{kind}": None if kind == "weight" else False for i in range(2) for kind in ("weight", "bias")
+    }
     assert owners == {**layers, "model.embed_tokens.weight": False, "lm_head.weight": False}  # biases: AdamW's
     from_module = stochopt.Muon(model, lr=0.02)
     muon = {id(p) for g in from_module.param_groups if g["use_muon"] for p in g["params"]}
