@@ -113,8 +113,8 @@ def host_path(request, monkeypatch) -> dict:
 def gloo_group(rank: int, world: int, init_file: str):
     """One rank's gloo process group for a spawned test worker. The closing barrier matters: a rank that tears its
     group down while another still works on it can abort with "terminate called without an active exception"
-    (gloo's threads: tests/training/test_accumulation.py's DDP test did, in CI and here). After an error there is no barrier: the other ranks may never
-    reach it, and mp.spawn stops them."""
+    (gloo's threads: tests/training/test_accumulation.py's DDP test did, in CI and here). After an error there is
+    no barrier: the other ranks may never reach it, and mp.spawn stops them."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         yield
