@@ -322,9 +322,9 @@ def test_load_state_dict_checks_what_it_loads(name: str) -> None:
         fewer.load_state_dict(opt.state_dict())
 
 
-def _run_rounded(opt, ref_opt, low: list, ref: list, dtype: torch.dtype, steps: int) -> None:
+def _run_rounded(opt, ref_opt, low: list, ref: list, dtype: torch.dtype, steps: int, start: int = 0) -> None:
     """Step ``opt`` on low-precision params and ``ref_opt`` on float32 copies rounded to ``dtype`` each step."""
-    for t in range(steps):
+    for t in range(start, start + steps):
         set_grads(low, t)
         for p, q in zip(low, ref):
             q.grad = p.grad.float()
@@ -585,13 +585,22 @@ def test_bfloat16_params_in_every_path(path: str) -> None:
     low = [torch.randn(300, 256, dtype=torch.float64).bfloat16().requires_grad_(), *make_params(dtype=torch.bfloat16)]
     ref = [p.detach().float().requires_grad_() for p in low]
     opt, ref_opt = stochopt.Adam(low, lr=1e-2, **PATHS[path]), stochopt.Adam(ref, lr=1e-2, foreach=False)
-    _run_rounded(opt, ref_opt, low, ref, torch.bfloat16, 10)
-    for p, q in zip(low, ref):
-        # capturable runs the fused path's compiled kernel: its float32 arithmetic, ordered its own way, may land
-        # one bfloat16 ulp away (tests/optim/test_state_dtype.py bounds that): up to 2^-7 of the value
-        compiled = path in ("fused", "capturable")
-        tolerance = {"rtol": 2**-7, "atol": 1e-6} if compiled else {"rtol": 0, "atol": 0}
-        torch.testing.assert_close(p.float(), q, **tolerance)
+    peak = [q.detach().abs() for q in ref]  # each element's largest magnitude over the run
+    for t in range(10):
+        _run_rounded(opt, ref_opt, low, ref, torch.bfloat16, 1, start=t)
+        peak = [torch.maximum(m, q.detach().abs()) for m, q in zip(peak, ref)]
+    for p, q, m in zip(low, ref, peak):
+        if path not in ("fused", "capturable"):
+            assert torch.equal(p.float(), q)
+            continue
+        # the compiled kernel orders its float32 arithmetic its own way, so a value that lands next to a bfloat16
+        # rounding boundary may be stored one bfloat16 ulp away (tests/optim/test_state_dtype.py bounds that step
+        # by step); both runs then take the same gradients and float32 updates, so the difference stays one ulp
+        # of the magnitude the element had then (CI saw one at 4 ulps of its value after it shrank toward zero).
+        # Rare (1e-3 of the elements), and at most two such ulps of the element's largest magnitude
+        off = (p.float() - q).abs()
+        assert int((off != 0).sum()) <= max(1.0, 1e-3 * p.numel()), f"{int((off != 0).sum())} of {p.numel()} differ"
+        assert bool((off <= 2 * torch.finfo(torch.bfloat16).eps * m).all()), f"largest difference {off.max()}"
 
 
 def test_bfloat16_resume_keeps_float32_state() -> None:
