@@ -184,18 +184,20 @@ class ShardBooks:
         #: during a step: id(stand-in) -> the parameter it stands for
         self.stand_in_for: dict[int, Tensor] = {}
 
-    def owner(self, optimizer: str, index: int, p: Tensor) -> int:
-        """The rank that does ``p``'s whole-tensor work (``assign_owner``), after ``check_gatherable``."""
-        check_gatherable(optimizer, index, p)
-        if self.loads is None:
-            self.loads = [0] * p.device_mesh.size()
+    def owner(self, optimizer: str, params: list[Tensor], p: Tensor) -> int:
+        """The rank that does ``p``'s whole-tensor work (``assign_owner``); on first sight ``check_gatherable``
+        (``params``: ``p``'s group, for the message), which a parameter's placement cannot change after."""
+        if id(p) not in self.owners:
+            check_gatherable(optimizer, next(i for i, q in enumerate(params) if q is p), p)
+            if self.loads is None:
+                self.loads = [0] * p.device_mesh.size()
         return assign_owner(self.owners, self.loads, p)
 
-    def gather_stand_ins(self, state: dict, entries: list[tuple[str, int, Tensor]]) -> None:
-        """For each (optimizer name, index in group, sharded parameter): the owner gets a plain full-size stand-in
+    def gather_stand_ins(self, state: dict, entries: list[tuple[str, list[Tensor], Tensor]]) -> None:
+        """For each (optimizer name, group's params, sharded parameter): the owner gets a plain full-size stand-in
         holding the full gradient, whose state is the parameter's; the other ranks skip the parameter."""
-        for optimizer, index, p in entries:
-            owner = self.owner(optimizer, index, p)
+        for optimizer, params, p in entries:
+            owner = self.owner(optimizer, params, p)
             full, full_grad = gather(p.detach(), owner, self.moved), gather(p.grad, owner, self.moved)
             if full is not None:
                 full.grad = full_grad
