@@ -222,7 +222,11 @@ def run_compiled(
     if torch.compiler.is_compiling():
         run_here(ps, gs, by_name, [coefficient_row(c, i) for i in range(len(ps))], amp_tensor, centralized)
         return
-    coefs = _coefficient_rows(c, coef_names, len(ps), device, coefficient_dtype(compute_dtype))
+    width = BUCKET_WIDTH if flatten and not staged else 1
+    # numbers (number mode): every row is the same, and one tensor of ``width`` rows serves every launch (a
+    # row picked and padded per launch cost 20 us each); tensors: one row per tensor, picked per launch
+    numbers = not any(isinstance(c[k], Tensor) for k in coef_names)
+    coefs = _coefficient_rows(c, coef_names, width if numbers else len(ps), device, coefficient_dtype(compute_dtype))
     kernel = fused_kernel(
         update, flags, coef_names, maximize, options, staged, centralized,
         compute_dtype=compute_dtype, amp=amp is not None, storage=stored,
@@ -233,7 +237,6 @@ def run_compiled(
     # would add shape guards. One tensor per launch where shapes are kept (``_flatten = False``) or the
     # update is staged. Tensors of fewer than two elements (dynamo specializes sizes 0 and 1) and strided
     # ones (no flat view without a copy) run the same code uncompiled.
-    width = BUCKET_WIDTH if flatten and not staged else 1
     launch, alone = [], []
     for i, p in enumerate(ps):
         tensors = [p, gs[i], *(by_name[n][i] for n in names)]
@@ -255,8 +258,8 @@ def run_compiled(
                     continue
                 views = [_kernel_view(column[i], flatten, centralized) for i in chunk]
                 args.append(views + _scratch(views[0], width - len(chunk), len(args), pad_numel[len(args)]))
-            rows = coefs[chunk]
-            if len(chunk) < width:
+            rows = coefs if numbers else coefs[chunk]
+            if not numbers and len(chunk) < width:
                 rows = torch.cat([rows, rows[:1].expand(width - len(chunk), -1)])
             kernel(args[0], args[1], dict(zip(names, args[2:])), rows, amp_tensor)
     if alone:  # with the coefficients as the eager paths take them (numbers, in number mode)
@@ -271,7 +274,7 @@ def _coefficient_rows(
     """The coefficients as an ``(n, len(names))`` tensor: numbers (number mode) repeated on every row, tensors
     (tensor mode: one entry per parameter, or one for all) broadcast to their rows."""
     if not any(isinstance(c[k], Tensor) for k in names):
-        return torch.tensor([c[k] for k in names], dtype=dtype, device=device).repeat(n, 1)
+        return torch.tensor([[c[k] for k in names]] * n, dtype=dtype, device=device)
     columns = [torch.as_tensor(c[k], dtype=torch.float64).to(device).expand(n) for k in names]
     return torch.stack(columns, dim=1).to(dtype)
 
