@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -99,3 +101,23 @@ def test_lamb_groups_exclude_biases_from_trust_ratio_and_decay() -> None:
         adam.step()
     # Adam's epsilon sits outside sqrt(v_hat) in both: the two are the same method on this group
     torch.testing.assert_close(bias, same, rtol=1e-12, atol=1e-12)
+
+
+def test_lamb_fused_step_allocates_no_tensor_sized_buffer(monkeypatch) -> None:
+    """inductor recomputes LAMB's update u in the loop that writes p (``realize_reads_threshold``, see
+    ``Lamb._compile_options``): stored, u was a tensor-sized buffer allocated on every step (docs/speed.md)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from stochopt.engine import fused
+
+    for key in [k for k in fused._KERNELS if k[0] is stochopt.Lamb._update]:
+        monkeypatch.delitem(fused._KERNELS, key)  # a fresh kernel is compiled, and its code captured
+    params = [torch.randn(64, 32, requires_grad=True), torch.randn(300, requires_grad=True)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = stochopt.Lamb(params, weight_decay=0.01, fused=True)
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        _, codes = run_and_get_code(opt.step)
+    shapes = re.findall(r"empty_strided_cpu\(\((.*?)\)", "\n".join(codes))
+    assert shapes, "no compiled code was captured"
+    assert all(shape == "" for shape in shapes), shapes  # the norms' scalars only
