@@ -35,6 +35,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from stochopt.engine import checks, fused, scalars, sharded, statistics, storage
+from stochopt.engine.group_options import GroupOptions
 from stochopt.engine.layout import (
     STEP,
     StateSpec,
@@ -59,8 +60,6 @@ from stochopt.engine.update import (
     coefficient_rows,
     pick,
 )
-
-NONFINITE_POLICIES = (None, "skip", "raise")
 
 #: Below this many elements a tensor's per-tensor dispatch (eager, or ~100 us for a compiled kernel) costs more
 #: than its arithmetic: such tensors are updated together in one multi-tensor (foreach) call.
@@ -93,7 +92,7 @@ class NonFiniteGradientError(FloatingPointError, ValueError):
     """A gradient holds inf or NaN and the optimizer's ``nonfinite`` policy is ``"raise"``."""
 
 
-class EngineOptimizer(ShardedSteps, Optimizer, metaclass=ABCMeta):
+class EngineOptimizer(GroupOptions, ShardedSteps, Optimizer, metaclass=ABCMeta):
     """Base class of stochopt's optimizers (see the module docstring for what a subclass declares).
 
     Precision: ``state_dtype`` (a group option; None: float32 for bfloat16/float16 parameters, else the
@@ -342,86 +341,6 @@ class EngineOptimizer(ShardedSteps, Optimizer, metaclass=ABCMeta):
         return storage.rounding_salt(int(group["rounding_seed"]), index, step)
 
     # ----- internals -----------------------------------------------------------------------------
-    def _validate_storage(self, group: dict[str, Any]) -> None:
-        """``state_dtype``, ``weight_rounding`` and ``rounding_seed`` (engine/storage.py)."""
-        name, sd, rounding = type(self).__name__, group["state_dtype"], group["weight_rounding"]
-        if sd == storage.INT8:
-            if not quantized_moments(self._stored_layout(group)):
-                raise ValueError(
-                    f"{name} does not support state_dtype='int8': its state holds no moment stored as 8-bit codes "
-                    "(the Adam family, Lion, SGD with momentum, RMSprop, Adagrad, AdEMAMix and ADOPT have them)"
-                )
-        elif sd is not None and (not isinstance(sd, torch.dtype) or not sd.is_floating_point):
-            raise TypeError(f"state_dtype must be a floating torch.dtype, 'int8' or None, got {sd!r}")
-        if rounding not in storage.WEIGHT_ROUNDINGS:
-            raise ValueError(f"weight_rounding must be one of {storage.WEIGHT_ROUNDINGS}, got {rounding!r}")
-        seed = group["rounding_seed"]
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"rounding_seed must be a non-negative int, got {seed!r}")
-        if rounding in (None, "nearest"):
-            return
-        if not self._rounding_supported:
-            raise ValueError(f"{name} does not support weight_rounding={rounding!r}: it also writes the weights itself")
-        if sd == torch.bfloat16:
-            raise ValueError(
-                f"weight_rounding={rounding!r} rounds the float32 result of the update, but state_dtype="
-                "torch.bfloat16 with bfloat16 parameters computes in bfloat16; keep the default state_dtype (float32), "
-                "or 'int8'"
-            )
-        params = group["params"]
-        group["params"] = params = [params] if isinstance(params, Tensor) else list(params)  # a generator once
-        for index, p in enumerate(params):
-            if p.dtype != torch.bfloat16:
-                raise ValueError(
-                    f"weight_rounding={rounding!r} is for bfloat16 parameters; params[{index}] of the group is "
-                    f"{p.dtype} (put float32 parameters in a group of their own, with weight_rounding=None)"
-                )
-
-    def _decouples_decay(self, group: dict[str, Any]) -> bool:
-        """The group's weight decay is the decoupled factor that ``decouple_lr`` applies to."""
-        return self._decoupled_decay or bool(group.get("decoupled_weight_decay"))
-
-    def _validate_engine_options(self, group: dict[str, Any]) -> None:
-        if group["fused"] and group["foreach"]:
-            raise ValueError("fused=True and foreach=True are exclusive: choose one execution path")
-        if group["nonfinite"] not in NONFINITE_POLICIES:
-            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {group['nonfinite']!r}")
-        checks.flag("centralize_gradients", group["centralize_gradients"])
-        checks.flag("cautious", group["cautious"])
-        if group["cautious"] and not self._cautious_supported:
-            raise ValueError(
-                f"{type(self).__name__} does not support cautious=True: it masks a momentum direction by the "
-                "gradient's sign, and this optimizer's update has none the engine can mask"
-            )
-        checks.flag("statistics", group["statistics"])
-        if group["statistics"] and any(sharded.is_sharded(p) for p in group["params"]):
-            raise ValueError(
-                f"{type(self).__name__}: statistics=True is not supported for sharded (DTensor) parameters yet: "
-                "each rank would report its own shard's norms"
-            )
-        checks.flag("decouple_lr", group["decouple_lr"])
-        if group["decouple_lr"] and not self._decouples_decay(group):
-            raise ValueError(
-                f"decouple_lr=True takes the lr out of decoupled weight decay, and {type(self).__name__}'s weight "
-                "decay in this group is not decoupled (it enters the gradient, or has a form of its own): drop "
-                "decouple_lr, or set decoupled_weight_decay=True where the optimizer has it"
-            )
-        checks.flag("capturable", group["capturable"])
-        if group["capturable"]:
-            name = type(self).__name__
-            if not self._capturable:
-                raise ValueError(f"{name} does not support capturable=True: its step decides on the host")
-            if group["foreach"] or group["fused"] is False:
-                raise ValueError(
-                    "capturable=True runs the compiled kernel (coefficients computed on the device): it cannot be "
-                    f"combined with foreach={group['foreach']!r}, fused={group['fused']!r}"
-                )
-            if group["nonfinite"]:
-                raise ValueError(
-                    f"nonfinite={group['nonfinite']!r} reads the gradients' finiteness on the host, which "
-                    "capturable=True rules out; use torch.amp.GradScaler, whose found_inf the step reads on the device"
-                )
-
     def track_statistics(self, enabled: bool = True) -> None:
         """Collect per-step statistics from now on (``enabled=False``: stop; off costs nothing): read them as
         :attr:`statistics` after ``step()`` (engine/statistics.py)."""
